@@ -40,7 +40,7 @@ RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_defaul
 def abort(message: str, code: int = 2) -> NoReturn:
     """The one place the CLI exits on an error: one line, no traceback."""
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+    sys.exit(code)
 
 
 def _console():
@@ -184,7 +184,15 @@ def pull(
     from skytune import sync
 
     path = sync.pull(run, what=what, to=to)
-    typer.echo(str(path))
+    typer.echo(f"{what} in {path}")
+    if what == "adapter":
+        typer.echo(_LOAD_ADAPTER.format(path=path))
+
+
+_LOAD_ADAPTER = """Load it with PEFT:
+  from peft import AutoPeftModelForCausalLM; from transformers import AutoTokenizer
+  model = AutoPeftModelForCausalLM.from_pretrained("{path}")
+  tokenizer = AutoTokenizer.from_pretrained("{path}")"""
 
 
 @app.command()
@@ -241,6 +249,8 @@ def _size(n: int) -> str:
 
 
 def main() -> None:
+    from typer._click import exceptions as click_exc  # typer >= 0.25 vendors click
+
     try:
         app(standalone_mode=False)
     except SkytuneError as e:
@@ -249,15 +259,11 @@ def main() -> None:
         abort("interrupted", 130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click's own usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            abort("aborted", 130)
-        raise
+    except click_exc.ClickException as e:  # usage errors: click's own message, exit 2
+        e.show()
+        sys.exit(e.exit_code)
+    except click_exc.Abort:
+        abort("aborted", 130)
 
 
 if __name__ == "__main__":

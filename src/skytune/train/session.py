@@ -1,0 +1,196 @@
+"""One training run's life around `trainer.train()`, the same for every method: the store,
+resume from the newest complete checkpoint, checkpoint upload, metrics, the final artifact.
+
+    session = Session(recipe, resume="auto")
+    if done := session.start():           # the run already finished: nothing to do
+        return done
+    trainer = SFTTrainer(..., callbacks=session.callbacks())
+    return session.train(trainer)         # resumes, trains, saves adapter/ (or merged/)
+
+Only the main process (RANK 0) writes to the store; every process resumes from the same
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from skytune import __version__
+from skytune.errors import SkytuneError, TrainingFailed
+from skytune.recipe import Recipe
+from skytune.store import open_store, read_complete
+from skytune.sync import CheckpointUploader, RunWriter, fetch_latest_checkpoint, read_manifest, \
+    run_id
+from skytune.train import common
+
+log = logging.getLogger("skytune")
+
+
+def work_root() -> Path:
+    return Path(os.environ.get("SKYTUNE_WORK_DIR", Path.home() / ".cache" / "skytune" / "work"))
+
+
+def final_artifact(recipe: Recipe) -> str:
+    """A full fine-tune's result is a whole model (merged/); otherwise an adapter."""
+    return "merged" if recipe.adapter.type == "full" else "adapter"
+
+
+class Session:
+    def __init__(self, recipe: Recipe, resume: str = "auto"):
+        self.recipe, self.resume = recipe, resume
+        self.run_id = run_id(recipe, fresh=resume == "never")
+        self.store = open_store(recipe.store_url(), endpoint_url=recipe.output.endpoint_url,
+                                private=recipe.output.private)
+        self.work = work_root() / self.run_id
+        self.main = common.is_main_process()
+        self.writer = RunWriter(self.store, self.run_id, recipe)
+        self.uploader: CheckpointUploader | None = None
+        self.resume_from: Path | None = None
+        self.resumed_step = 0
+        self.started = time.monotonic()
+
+    @property
+    def output_dir(self) -> Path:
+        return self.work / "checkpoints"
+
+    def start(self) -> dict[str, Any] | None:
+        """Open the run in the store; return its result if it already completed."""
+        if self.main:
+            done = self._already_complete()
+            if done:
+                return done
+            self.writer.start()  # fails here, before any training, if the store is unreachable
+            self.uploader = CheckpointUploader(self.writer, keep_last=self.recipe.output.keep_last)
+        else:
+            self.store.check()
+        self._find_resume()
+        return None
+
+    def _already_complete(self) -> dict[str, Any] | None:
+        m = read_manifest(self.store, self.run_id)
+        name = final_artifact(self.recipe)
+        if self.resume == "never" or not m or m.get("status") != "completed":
+            return None
+        if read_complete(self.store, f"{self.run_id}/{name}") is None:
+            return None
+        log.info("run %s already completed at step %s; nothing to do", self.run_id, m.get("step"))
+        return self.result(m.get("step"), status="completed", skipped=True)
+
+    def _find_resume(self) -> None:
+        if self.resume == "never":
+            return
+        if self.resume == "auto":
+            found = fetch_latest_checkpoint(self.store, self.run_id, self.work / "resume")
+            if found:
+                self.resume_from, self.resumed_step = found
+                log.info("resuming %s from step %d (%s/checkpoints/step-%d)", self.run_id,
+                         self.resumed_step, self.writer.url, self.resumed_step)
+            return
+        p = Path(self.resume)
+        if "://" in self.resume:
+            from skytune.sync import split_run_url
+            from skytune.store import download_artifact
+
+            store, key = split_run_url(self.resume)
+            p = self.work / "resume" / Path(key).name
+            download_artifact(store, key, p)
+        if not (p / "trainer_state.json").is_file():
+            raise SkytuneError(f"--resume {self.resume}: not a checkpoint (no trainer_state.json)")
+        self.resume_from = p
+        self.resumed_step = json.loads((p / "trainer_state.json").read_text())["global_step"]
+        log.info("resuming from step %d (%s)", self.resumed_step, p)
+
+    def meta(self, kind: str, step: int) -> dict[str, Any]:
+        """What every artifact carries about itself (STYLE rule 10)."""
+        return {"kind": kind, "run_id": self.run_id, "step": step, "method": self.recipe.method,
+                "base_model": self.recipe.model, "adapter_type": self.recipe.adapter.type,
+                "recipe": self.recipe.to_dict(), "skytune_version": __version__}
+
+    def stamp(self, local_dir: Path, kind: str, step: int) -> dict[str, Any]:
+        meta = self.meta(kind, step)
+        (local_dir / "skytune.json").write_text(json.dumps(meta, indent=1))
+        (local_dir / "recipe.yaml").write_text(self.recipe.to_yaml())
+        return {k: v for k, v in meta.items() if k != "recipe"}
+
+    def callbacks(self) -> list:
+        return [common.gradient_guard(), _StoreCallback(self)]
+
+    def train(self, trainer) -> dict[str, Any]:
+        try:
+            trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from
+                          else None)
+        except RuntimeError as e:
+            self._fail(e)
+            raise common.explain(e) from None
+        except BaseException as e:
+            self._fail(e)
+            raise
+        step = trainer.state.global_step
+        if not self.main:
+            return self.result(step, status="completed")
+        final = self.work / "final"
+        shutil.rmtree(final, ignore_errors=True)
+        trainer.save_model(str(final))
+        if trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(str(final))
+        name = final_artifact(self.recipe)
+        meta = self.stamp(final, name, step)
+        self._wait_uploads()
+        self.writer.upload_artifact(final, name, meta)
+        self.writer.finish("completed", step=step,
+                           train_seconds=round(time.monotonic() - self.started, 1))
+        return self.result(step, status="completed")
+
+    def _wait_uploads(self) -> None:
+        if self.uploader is None:
+            return
+        failed = self.uploader.wait()
+        if failed:
+            self.writer.finish("failed", error=f"checkpoints never uploaded: {failed}")
+            raise TrainingFailed(f"checkpoint(s) at step {', '.join(map(str, failed))} could not "
+                                 f"be uploaded to {self.store.url}; the run is not resumable "
+                                 "from them")
+
+    def _fail(self, e: BaseException) -> None:
+        if not self.main:
+            return
+        try:
+            if self.uploader is not None:
+                self.uploader.wait()
+            self.writer.finish("failed", error=str(e).splitlines()[0][:300] if str(e) else
+                               type(e).__name__)
+        except Exception as inner:  # noqa: BLE001 - never hide the training error
+            log.warning("could not record the failure in the store: %s", inner)
+
+    def result(self, step: Any, **fields: Any) -> dict[str, Any]:
+        return {"run_id": self.run_id, "run_url": self.writer.url, "step": step,
+                "resumed_from_step": self.resumed_step or None, **fields}
+
+
+class _StoreCallback(TrainerCallback):
+    """Metrics to metrics.jsonl; each saved checkpoint to the store (COMPLETE last)."""
+
+    def __init__(self, session: Session):
+        self.s = session
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if self.s.main and logs:
+            self.s.writer.log_metrics({"step": state.global_step, "epoch": state.epoch,
+                                       "time": round(time.time(), 1), **logs})
+
+    def on_save(self, args, state, control, **kw):
+        if not self.s.main or self.s.uploader is None:
+            return
+        step = state.global_step
+        local = Path(args.output_dir) / f"checkpoint-{step}"
+        meta = self.s.stamp(local, "checkpoint", step)
+        self.s.writer.flush_metrics()
+        self.s.uploader.submit(local, step, meta)

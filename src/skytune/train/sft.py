@@ -1,0 +1,58 @@
+"""Supervised fine-tuning (LoRA, QLoRA or full) through TRL's SFTTrainer.
+
+    skytune train jobs/recipes/demo.yaml            # what the SkyPilot task runs
+
+Steps: prepare data -> load tokenizer and model -> build SFTConfig -> SFTTrainer ->
+Session.train (resume, checkpoints to the store, final adapter). Loss is on completions
+only: TRL masks the prompt for prompt/completion rows and, with the chat template's
+{% generation %} marks, everything but assistant turns for messages rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from skytune.data import prepare
+from skytune.recipe import Recipe
+from skytune.train import common
+from skytune.train.session import Session
+
+
+def sft_config(recipe: Recipe, dev: common.Device, session: Session, fmt: str):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **common.training_kwargs(recipe, dev, session.output_dir),
+        max_length=recipe.train.max_length,
+        packing=recipe.train.packing is True,
+        completion_only_loss=None,  # TRL: on for prompt/completion rows
+        assistant_only_loss=fmt == "messages",
+        dataset_num_proc=None,
+    )
+
+
+def train(recipe: Recipe, resume: str = "auto", dry_run: bool = False) -> dict[str, Any]:
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    dev = common.detect_device()
+    data = prepare(recipe.data, "sft", recipe.path, seed=recipe.train.seed)
+    model_path = common.resolve_model(recipe.model)
+    tokenizer = common.load_tokenizer(model_path)
+    session = Session(recipe, resume=resume)
+    args = sft_config(recipe, dev, session, data.format)
+    if dry_run:
+        return common.describe(recipe, dev, data, model_path, args)
+    if done := session.start():
+        return done
+    model = common.load_model(recipe, model_path, dev)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(data.train),
+        eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
+        processing_class=tokenizer,
+        peft_config=common.lora_config(recipe.adapter),
+        callbacks=session.callbacks(),
+    )
+    return session.train(trainer)
