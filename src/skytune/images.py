@@ -40,10 +40,13 @@ def image_tag(name: str = "default", version: str = __version__) -> str:
     return f"{image_repo()}:{version}-{name}"
 
 
-def image_name(recipe: Recipe) -> str:
+def image_name(recipe: Recipe | None) -> str:
     """'unsloth' for adapter.backend: unsloth (its pins conflict with the default stack)."""
-    return "unsloth" if recipe.adapter.backend == "unsloth" else "default"
+    if recipe is not None and recipe.adapter.backend == "unsloth":
+        return "unsloth"
+    return "default"
 
 
-def image_for(recipe: Recipe) -> str:
+def image_for(recipe: Recipe | None) -> str:
+    """The image a recipe's SkyPilot task runs in; None: the default image."""
     return image_tag(image_name(recipe))

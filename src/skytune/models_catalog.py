@@ -141,8 +141,8 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _hub_config(model: str) -> dict[str, Any]:
-    fix = (f"download it and set model: to the local directory, or add it to "
-           f"skytune.models_catalog.KNOWN")
+    fix = ("download it and set model: to the local directory, or add it to "
+           "skytune.models_catalog.KNOWN")
     try:
         from huggingface_hub import hf_hub_download
 
@@ -152,7 +152,7 @@ def _hub_config(model: str) -> dict[str, Any]:
                            f"is not installed (pip install 'skytune[hub]'); or {fix}") from None
     except SkytuneError:
         raise
-    except Exception as e:  # offline, gated, typo: all end the same way for the user
+    except Exception as e:  # noqa: BLE001 - offline, gated, typo: the same fix for the user
         raise SkytuneError(f"model {model!r}: cannot read its config.json from the Hub "
                            f"({type(e).__name__}); {fix}") from None
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from skytune.errors import SkytuneError
 
@@ -181,6 +181,10 @@ class Recipe(_Section):
 
     # Where the recipe file lives; relative paths resolve against it.
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+    # The recipe as written (before presets and dependent defaults) and its --set overrides:
+    # pipeline stages merge over this, so a dpo stage gets dpo's defaults, not sft's.
+    _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _overrides: list[str] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _dependent_defaults(self) -> Recipe:
@@ -293,14 +297,17 @@ def recipe_from_dict(
     """Validate a recipe dict (presets applied) or raise SkytuneError naming the field."""
     if not isinstance(data, dict):
         raise SkytuneError(f"{source}: a recipe is a YAML mapping (name:, model:, data:, ...)")
+    raw = copy.deepcopy(data)
     method = data.get("method", "sft")
     preset = data.get("preset", "default")
     if preset in PRESETS and method in PRESETS[preset]:
         data = deep_merge(PRESETS[preset][method], data)
     try:
-        return Recipe.model_validate({**data, "base_dir": base_dir or Path.cwd()})
+        recipe = Recipe.model_validate({**data, "base_dir": base_dir or Path.cwd()})
     except ValidationError as e:
         raise SkytuneError(_explain(e, source, lines or {}, set_keys or [])) from None
+    recipe._raw = raw
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -322,10 +329,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     overrides = overrides or []
     if isinstance(data, dict):
         data = apply_overrides(data, overrides)
-    return recipe_from_dict(
+    recipe = recipe_from_dict(
         data, base_dir=p.resolve().parent, source=str(path), lines=_line_map(node),
         set_keys=[parse_override(o)[0] for o in overrides],
     )
+    recipe._overrides = list(overrides)
+    return recipe
 
 
 def _line_map(node: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:

@@ -58,6 +58,7 @@ class RunWriter:
     def __init__(self, store: Store, run_id: str, recipe: Recipe):
         self.store, self.run_id, self.recipe = store, run_id, recipe
         self._lock = threading.Lock()
+        self._put_lock = threading.Lock()
         self._metrics: list[str] = []
         self.manifest: dict[str, Any] = {}
 
@@ -87,10 +88,20 @@ class RunWriter:
         self._write_manifest()
 
     def _write_manifest(self) -> None:
+        # The upload thread and the training thread both write it: serialize and put under
+        # one lock, or an older snapshot could land after a newer one.
+        with self._put_lock:
+            with self._lock:
+                self.manifest["timings"]["updated_at"] = _now()
+                data = json.dumps(self.manifest, indent=1).encode()
+            self.store.put_bytes(self.key("manifest.json"), data)
+
+    def note_resume(self, step: int) -> None:
+        """Record a resume in the manifest; drop metrics rows from the lost steps after it."""
         with self._lock:
-            self.manifest["timings"]["updated_at"] = _now()
-            data = json.dumps(self.manifest, indent=1).encode()
-        self.store.put_bytes(self.key("manifest.json"), data)
+            self._metrics = [m for m in self._metrics if json.loads(m).get("step", 0) <= step]
+            self.manifest.setdefault("resumes", []).append({"from_step": step, "at": _now()})
+        self._write_manifest()
 
     def log_metrics(self, row: dict[str, Any], flush: bool = False) -> None:
         with self._lock:
@@ -103,9 +114,11 @@ class RunWriter:
             data = ("\n".join(self._metrics) + "\n").encode() if self._metrics else b""
         self.store.put_bytes(self.key("metrics.jsonl"), data)
 
-    def upload_artifact(self, local_dir: Path, name: str, meta: dict[str, Any]) -> dict:
+    def upload_artifact(self, local_dir: Path, name: str, meta: dict[str, Any],
+                        progress=None) -> dict:
         """Upload local_dir as <run>/<name> (COMPLETE last) and record it in the manifest."""
-        record = upload_artifact(self.store, local_dir, self.key(name), meta=meta)
+        record = upload_artifact(self.store, local_dir, self.key(name), meta=meta,
+                                 progress=progress)
         with self._lock:
             self.manifest["artifacts"][name] = {
                 k: v for k, v in record.items() if k != "files"
@@ -248,37 +261,119 @@ def pull(run: str, what: str = "adapter", to: Path | None = None) -> Path:
 
 
 class CheckpointUploader:
-    """Uploads checkpoints as `checkpoints/step-N` and keeps the last K in the store.
+    """Uploads checkpoints as `checkpoints/step-N` in the background and keeps the last K.
 
+        up = CheckpointUploader(writer, keep_last=3)
+        up.submit(Path("work/checkpoints/checkpoint-40"), 40, meta)   # returns at once
+        failed = up.wait()                                            # before the process ends
+
+    One worker thread: training never waits for the network, checkpoints land in step order,
+    and hashing a multi-GB checkpoint (sha256 for COMPLETE) happens off the training thread.
+    Each upload retries with exponential backoff on top of the store client's own retries;
+    a checkpoint that still fails is recorded and the run exits non-zero at the end.
     Older checkpoints are deleted only after a newer one is COMPLETE, so the store always
     holds at least one resumable checkpoint. Local copies older than the newest uploaded one
     are removed to keep the VM's disk from filling up.
+
+    Knobs (environment): SKYTUNE_UPLOAD_ATTEMPTS (default 5) and SKYTUNE_UPLOAD_BACKOFF
+    (seconds before the first retry, doubling; default 10). Test hook:
+    SKYTUNE_FAULT_DELAY_UPLOAD=SECONDS sleeps once per checkpoint after its first bytes are
+    sent and before COMPLETE, to widen the "killed mid-upload" window in fault tests.
     """
 
     def __init__(self, writer: RunWriter, keep_last: int = 3):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.writer, self.keep_last = writer, keep_last
+        self.attempts = max(1, int(os.environ.get("SKYTUNE_UPLOAD_ATTEMPTS", "5")))
+        self.backoff = float(os.environ.get("SKYTUNE_UPLOAD_BACKOFF", "10"))
         self.failed: list[int] = []
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="skytune-upload")
+        self._pending: list = []
 
     def submit(self, local_dir: Path, step: int, meta: dict[str, Any]) -> None:
-        try:
-            self.writer.upload_artifact(local_dir, f"checkpoints/step-{step}", meta)
-        except Exception as e:  # noqa: BLE001 - training goes on; the run fails at the end
-            log.warning("checkpoint step %d: upload failed: %s", step, e)
-            self.failed.append(step)
-            return
-        self._prune(step, local_dir)
+        """Queue a saved checkpoint for upload (metrics are flushed with it) and return."""
+        self._pending.append(self._pool.submit(self._upload, Path(local_dir), step, meta))
 
     def wait(self) -> list[int]:
         """Block until pending uploads finish; return the steps that never uploaded."""
+        while self._pending:
+            self._pending.pop(0).result()  # _upload never raises
         return list(self.failed)
 
+    def close(self) -> list[int]:
+        failed = self.wait()
+        self._pool.shutdown(wait=True)
+        return failed
+
+    def _upload(self, local_dir: Path, step: int, meta: dict[str, Any]) -> None:
+        name = f"checkpoints/step-{step}"
+        t0 = time.monotonic()
+
+        def attempt() -> dict:
+            self.writer.flush_metrics()
+            return self.writer.upload_artifact(local_dir, name, meta, progress=_fault_hook())
+
+        try:
+            record = retry(attempt, f"upload of checkpoint step {step}", self.attempts,
+                           self.backoff)
+        except Exception as e:  # noqa: BLE001 - training goes on; the run fails at the end
+            log.error("checkpoint step %d: upload failed after %d attempts: %s", step,
+                      self.attempts, e)
+            self.failed.append(step)
+            return
+        size = sum(f["size"] for f in record["files"].values())
+        log.info("checkpoint step %d uploaded to %s/%s (%.1f MB in %.1fs)", step,
+                 self.writer.url, name, size / 1e6, time.monotonic() - t0)
+        try:
+            self._prune(step, local_dir)
+        except Exception as e:  # noqa: BLE001 - a failed cleanup costs storage, not the run
+            log.warning("checkpoint step %d: could not delete older checkpoints: %s", step, e)
+
     def _prune(self, step: int, local_dir: Path) -> None:
-        done = sorted(int(a.rsplit("-", 1)[1]) for a in self.writer.manifest["artifacts"]
-                      if a.startswith("checkpoints/step-"))
-        for old in done[: max(0, len(done) - self.keep_last)]:
+        """Keep the newest keep_last COMPLETE checkpoints up to `step`; delete the rest below
+        it, including leftovers of uploads that were killed before their COMPLETE."""
+        store, run = self.writer.store, self.writer.run_id
+        prefix = f"{run}/checkpoints"
+        steps = [int(d[5:]) for d in iter_dirs(store.list(prefix), prefix)
+                 if d.startswith("step-") and d[5:].isdigit()]
+        complete = [s for s in complete_checkpoints(store, run) if s <= step]
+        keep = set(complete[: self.keep_last])  # newest first
+        for old in sorted(s for s in steps if s < step and s not in keep):
             self.writer.remove_artifact(f"checkpoints/step-{old}")
         import shutil
 
         for d in local_dir.parent.glob("checkpoint-*"):
             if d.name.split("-")[-1].isdigit() and int(d.name.split("-")[-1]) < step:
                 shutil.rmtree(d, ignore_errors=True)
+
+
+def retry(fn, what: str, attempts: int, backoff: float):
+    """fn() with up to `attempts` tries, sleeping backoff, 2*backoff, ... between them."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - store errors of any kind are worth a retry
+            if i + 1 == attempts:
+                raise
+            delay = backoff * 2**i
+            log.warning("%s failed (%s); retry %d/%d in %.0fs", what, e, i + 1, attempts - 1,
+                        delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _fault_hook():
+    """The SKYTUNE_FAULT_DELAY_UPLOAD test hook (see CheckpointUploader), or None."""
+    delay = float(os.environ.get("SKYTUNE_FAULT_DELAY_UPLOAD") or 0)
+    if not delay:
+        return None
+    fired = threading.Event()
+
+    def on_progress(_n: int) -> None:
+        if not fired.is_set():
+            fired.set()
+            log.info("fault hook: checkpoint upload in progress; sleeping %.1fs", delay)
+            time.sleep(delay)
+
+    return on_progress

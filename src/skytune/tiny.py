@@ -4,7 +4,9 @@
     path = resolve("tiny:llama")            # builds once into ~/.cache/skytune/tiny/, returns dir
     AutoModelForCausalLM.from_pretrained(path)  # a normal hub-style model directory
 
-Names: tiny:llama, tiny:qwen, optionally sized: tiny:llama-h512-l4 (hidden 512, 4 layers).
+Names: tiny:llama, tiny:qwen, optionally sized: tiny:llama-h512-l4 (hidden 512, 4 layers);
+tiny:vlm is a vision-language model (Llava: a 1-layer CLIP vision tower on tiny:llama) saved
+with a processor, loaded by AutoModelForImageTextToText + AutoProcessor like a hub VLM.
 The tokenizer is a byte-level BPE trained on the repo's sample data (plus a built-in corpus,
 so it also works from an installed wheel), with a ChatML chat template that marks assistant
 turns with {% generation %} so TRL can compute assistant-only loss.
@@ -55,7 +57,7 @@ Paris is the capital of France. Water boils at 100 degrees Celsius at sea level.
 
 @dataclass(frozen=True)
 class TinySpec:
-    family: str  # llama | qwen
+    family: str  # llama | qwen | vlm
     hidden: int = 64
     layers: int = 2
     heads: int = 4
@@ -71,9 +73,9 @@ class TinySpec:
 
 
 def parse(name: str) -> TinySpec:
-    m = re.fullmatch(r"tiny:(llama|qwen)(?:-h(\d+))?(?:-l(\d+))?", name)
+    m = re.fullmatch(r"tiny:(llama|qwen|vlm)(?:-h(\d+))?(?:-l(\d+))?", name)
     if not m:
-        raise SkytuneError(f"model {name!r}: tiny models are tiny:llama or tiny:qwen "
+        raise SkytuneError(f"model {name!r}: tiny models are tiny:llama, tiny:qwen or tiny:vlm "
                            "(optionally sized, e.g. tiny:llama-h512-l4)")
     hidden = int(m.group(2) or 64)
     heads = max(4, hidden // 64)
@@ -87,6 +89,8 @@ def cache_dir() -> Path:
 def config_for(name: str):
     """The transformers config of a tiny model (no weights built)."""
     spec = parse(name)
+    if spec.family == "vlm":
+        return vlm_config(spec)
     from transformers import LlamaConfig, Qwen2Config
 
     cls = LlamaConfig if spec.family == "llama" else Qwen2Config
@@ -114,7 +118,7 @@ def resolve(name: str) -> str:
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
     try:
         tokenizer = build_tokenizer(texts)
-        tokenizer.save_pretrained(tmp)
+        (build_processor(tokenizer) if spec.family == "vlm" else tokenizer).save_pretrained(tmp)
         build_model(name).save_pretrained(tmp)
         (tmp / "skytune-tiny.json").write_text(json.dumps({"name": name, "spec": spec.name}))
         try:
@@ -149,11 +153,12 @@ def build_tokenizer(texts: list[str]):
 
 def build_model(name: str, seed: int = 0):
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     cfg = config_for(name)
+    cls = AutoModelForImageTextToText if parse(name).family == "vlm" else AutoModelForCausalLM
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return cls.from_config(cfg, dtype=torch.float32)
 
 
 def _corpus_texts() -> list[str]:
@@ -165,3 +170,45 @@ def _corpus_texts() -> list[str]:
             if p.suffix in (".jsonl", ".json", ".txt", ".csv") and p.stat().st_size < 4_000_000:
                 texts.append(p.read_text(encoding="utf-8", errors="ignore"))
     return texts
+
+
+# ---------------------------------------------------------------------------------------
+# tiny:vlm — Llava (CLIP vision tower + projector + the tiny Llama), 32x32 images, 16 image
+# tokens each. Llava because transformers builds it from a config alone, offline, and its
+# processor needs only a PIL image processor (no torchvision).
+
+VLM_IMAGE_SIZE, VLM_PATCH = 32, 8
+
+
+def vlm_config(spec: TinySpec):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads, max_position_embeddings=2048,
+        tie_word_embeddings=False, bos_token_id=None, eos_token_id=2, pad_token_id=0,
+        initializer_range=0.2 if spec.hidden <= 128 else 0.02,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        image_size=VLM_IMAGE_SIZE, patch_size=VLM_PATCH, projection_dim=32,
+    )
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=SPECIAL.index("<image>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu", tie_word_embeddings=False,
+    )
+
+
+def build_processor(tokenizer):
+    """LlavaProcessor: PIL image processor (32x32) + the tiny tokenizer (it has <image>)."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    images = CLIPImageProcessorPil(size={"shortest_edge": VLM_IMAGE_SIZE},
+                                   crop_size={"height": VLM_IMAGE_SIZE, "width": VLM_IMAGE_SIZE})
+    # "default" drops CLIP's CLS token: (32/8)^2 + 1 - 1 = 16 <image> tokens per image.
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=VLM_PATCH,
+                          vision_feature_select_strategy="default", image_token="<image>",
+                          num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)

@@ -17,6 +17,7 @@ transfer manager so small and large files share one pool of 16 connections.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -40,7 +41,10 @@ _CONNECT_TIMEOUT = 5
 _READ_TIMEOUT = 120
 # Transfers retry hard (a spot VM's network blips; R2 returns 5xx under load): botocore's
 # "standard" mode backs off exponentially with jitter on throttling, 5xx and connection errors.
-_RETRIES = {"mode": "standard", "max_attempts": 10}
+# AWS's own AWS_MAX_ATTEMPTS / AWS_RETRY_MODE still win (the fault tests lower them).
+def _retries() -> dict:
+    return {"mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+            "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "10"))}
 # check() must answer in a few seconds when the endpoint is unreachable, so it uses a client
 # that gives up after 2 attempts instead of backing off through 10.
 _QUICK = dict(connect_timeout=2, read_timeout=10, retries={"mode": "standard", "max_attempts": 2})
@@ -62,7 +66,7 @@ class S3Store(Store):
         self.url = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.endpoint_url = endpoint_url  # None: botocore reads AWS_ENDPOINT_URL itself
         self.client = self._client(
-            connect_timeout=_CONNECT_TIMEOUT, read_timeout=_READ_TIMEOUT, retries=_RETRIES,
+            connect_timeout=_CONNECT_TIMEOUT, read_timeout=_READ_TIMEOUT, retries=_retries(),
             # One connection per concurrent part, plus room for list/put_bytes from other threads.
             max_pool_connections=CONCURRENCY + 8,
         )

@@ -124,7 +124,21 @@ def load_model(recipe: Recipe, model_path: str, dev: Device, cls: Any = None):
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    return _hub_call(model_path, lambda: cls.from_pretrained(model_path, **kwargs))
+    model = _hub_call(model_path, lambda: cls.from_pretrained(model_path, **kwargs))
+    if quant is not None:
+        model = prepare_quantized(model, gradient_checkpointing(recipe, dev))
+    return model
+
+
+def prepare_quantized(model, checkpointing: bool):
+    """PEFT's k-bit preparation: freeze the base, keep norms/embeddings in fp32, make inputs
+    require grad, and checkpoint non-reentrantly. Without it, 8-bit + LoRA + checkpointing
+    is the combination that raised "element 0 of tensors does not require grad" (seed 000)."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def lora_config(adapter) -> Any:
@@ -224,7 +238,7 @@ def _hub_call(model_path: str, fn):
 # The gradient guard
 
 
-def gradient_guard():
+def gradient_guard(zero_ok: bool = False):
     """A TrainerCallback that stops at the first optimizer step if nothing can learn:
     no trainable parameters, no gradient reaching them, or a zero/NaN gradient norm."""
     from transformers import TrainerCallback
@@ -236,12 +250,12 @@ def gradient_guard():
             if self.checked or model is None:
                 return
             self.checked = True
-            check_gradients(model)
+            check_gradients(model, zero_ok)
 
     return GradientGuard()
 
 
-def check_gradients(model) -> float:
+def check_gradients(model, zero_ok: bool = False) -> float:
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -258,7 +272,7 @@ def check_gradients(model) -> float:
             "quantized base, or inputs without requires_grad); skytune uses non-reentrant "
             "checkpointing — report this recipe as a bug")
     norm = float(torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in grads])))
-    if not norm > 0 or norm != norm or norm == float("inf"):
+    if (not norm > 0 and not (zero_ok and norm == 0)) or norm != norm or norm == float("inf"):
         raise TrainingFailed(
             f"gradient norm is {norm} at the first step: the loss does not depend on the "
             "trainable parameters (all labels masked? check the data format) or overflowed "
@@ -294,11 +308,13 @@ def explain(e: RuntimeError) -> Exception:
 def count_parameters(model_path: str, adapter) -> tuple[int, int]:
     """(total, trainable) parameters, on the meta device: no weights are loaded."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = _hub_call(model_path, lambda: AutoConfig.from_pretrained(model_path))
+    vision = getattr(config, "vision_config", None) is not None
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_config(
+            config)
     total = sum(p.numel() for p in model.parameters())
     cfg = lora_config(adapter)
     if cfg is None:

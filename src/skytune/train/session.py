@@ -28,7 +28,7 @@ from skytune.errors import SkytuneError, TrainingFailed
 from skytune.recipe import Recipe
 from skytune.store import open_store, read_complete
 from skytune.sync import CheckpointUploader, RunWriter, fetch_latest_checkpoint, read_manifest, \
-    run_id
+    retry, run_id
 from skytune.train import common
 
 log = logging.getLogger("skytune")
@@ -63,15 +63,18 @@ class Session:
 
     def start(self) -> dict[str, Any] | None:
         """Open the run in the store; return its result if it already completed."""
+        # First, before any training: an unreachable store or a missing bucket fails here in
+        # seconds, not after the first checkpoint (or after minutes of client retries).
+        self.store.check()
         if self.main:
             done = self._already_complete()
             if done:
                 return done
-            self.writer.start()  # fails here, before any training, if the store is unreachable
+            self.writer.start()
             self.uploader = CheckpointUploader(self.writer, keep_last=self.recipe.output.keep_last)
-        else:
-            self.store.check()
         self._find_resume()
+        if self.main and self.resume_from is not None:
+            self.writer.note_resume(self.resumed_step)
         return None
 
     def _already_complete(self) -> dict[str, Any] | None:
@@ -120,8 +123,9 @@ class Session:
         (local_dir / "recipe.yaml").write_text(self.recipe.to_yaml())
         return {k: v for k, v in meta.items() if k != "recipe"}
 
-    def callbacks(self) -> list:
-        return [common.gradient_guard(), _StoreCallback(self)]
+    def callbacks(self, zero_grad_ok: bool = False) -> list:
+        """zero_grad_ok: GRPO, where a group whose completions all score alike gives exactly 0."""
+        return [common.gradient_guard(zero_grad_ok), _StoreCallback(self)]
 
     def train(self, trainer) -> dict[str, Any]:
         try:
@@ -143,21 +147,29 @@ class Session:
             trainer.processing_class.save_pretrained(str(final))
         name = final_artifact(self.recipe)
         meta = self.stamp(final, name, step)
-        self._wait_uploads()
-        self.writer.upload_artifact(final, name, meta)
+        failed = self.uploader.close() if self.uploader else []  # pending checkpoint uploads
+        up = self.uploader
+        try:
+            retry(lambda: self.writer.upload_artifact(final, name, meta), f"upload of {name}",
+                  up.attempts if up else 1, up.backoff if up else 0)
+        except Exception as e:  # noqa: BLE001 - exit 1 with where the result is
+            raise TrainingFailed(f"training finished but {name} could not be uploaded to "
+                                 f"{self.store.url} ({e}); it is on this machine at {final}"
+                                 ) from None
+        fields = {"checkpoint_upload_failed": failed} if failed else {}
         self.writer.finish("completed", step=step,
-                           train_seconds=round(time.monotonic() - self.started, 1))
-        return self.result(step, status="completed")
-
-    def _wait_uploads(self) -> None:
-        if self.uploader is None:
-            return
-        failed = self.uploader.wait()
+                           train_seconds=round(time.monotonic() - self.started, 1), **fields)
         if failed:
-            self.writer.finish("failed", error=f"checkpoints never uploaded: {failed}")
+            # The model is safe in the store, but a preemption during the run would have lost
+            # more than save_every steps: say so with a non-zero exit.
             raise TrainingFailed(f"checkpoint(s) at step {', '.join(map(str, failed))} could not "
-                                 f"be uploaded to {self.store.url}; the run is not resumable "
-                                 "from them")
+                                 f"be uploaded to {self.store.url} (the final {name} was)")
+        extra: dict[str, Any] = {}
+        if self.recipe.output.push or (self.recipe.output.merge and name == "adapter"):
+            from skytune.merge import after_training  # merged/ (COMPLETE last), Hub push
+
+            extra = after_training(self.recipe, self.writer, final)
+        return self.result(step, status="completed", **extra)
 
     def _fail(self, e: BaseException) -> None:
         if not self.main:
@@ -192,5 +204,4 @@ class _StoreCallback(TrainerCallback):
         step = state.global_step
         local = Path(args.output_dir) / f"checkpoint-{step}"
         meta = self.s.stamp(local, "checkpoint", step)
-        self.s.writer.flush_metrics()
-        self.s.uploader.submit(local, step, meta)
+        self.s.uploader.submit(local, step, meta)  # returns at once; metrics go with it

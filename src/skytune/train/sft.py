@@ -14,7 +14,7 @@ from typing import Any
 
 from skytune.data import prepare
 from skytune.recipe import Recipe
-from skytune.train import common
+from skytune.train import common, pipeline
 from skytune.train.session import Session
 
 
@@ -37,6 +37,10 @@ def train(recipe: Recipe, resume: str = "auto", dry_run: bool = False) -> dict[s
 
     dev = common.detect_device()
     data = prepare(recipe.data, "sft", recipe.path, seed=recipe.train.seed)
+    if data.format == "vision":  # image + question -> answer: a vision-language model
+        from skytune.train import vlm
+
+        return vlm.train(recipe, data, resume=resume, dry_run=dry_run)
     model_path = common.resolve_model(recipe.model)
     tokenizer = common.load_tokenizer(model_path)
     session = Session(recipe, resume=resume)
@@ -45,14 +49,15 @@ def train(recipe: Recipe, resume: str = "auto", dry_run: bool = False) -> dict[s
         return common.describe(recipe, dev, data, model_path, args)
     if done := session.start():
         return done
-    model = common.load_model(recipe, model_path, dev)
+    start = pipeline.fetch_start(recipe, session.work / "init")  # base, or init_from's run
+    model, peft_config, _ = pipeline.load_start(recipe, start, dev)
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(data.train),
         eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
         processing_class=tokenizer,
-        peft_config=common.lora_config(recipe.adapter),
+        peft_config=peft_config,
         callbacks=session.callbacks(),
     )
     return session.train(trainer)

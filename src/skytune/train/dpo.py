@@ -1,0 +1,69 @@
+"""Direct preference optimization (LoRA, QLoRA or full) through TRL's DPOTrainer.
+
+    skytune train jobs/recipes/hallucination-sft-dpo.yaml     # sft, then dpo from its adapter
+
+Steps: prepare prompt/chosen/rejected rows -> tokenizer -> DPOConfig -> start model (base,
+or init_from's adapter kept trainable) -> DPOTrainer -> Session.train.
+
+The reference model is the frozen starting point, never a second copy of the base where an
+adapter makes it unnecessary: a fresh LoRA's reference is the base with the adapter switched
+off; a continued SFT adapter's reference is TRL's frozen "ref" copy of it (see
+pipeline.load_start). Only a full fine-tune holds two whole models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from skytune.data import prepare
+from skytune.errors import SkytuneError
+from skytune.recipe import Recipe
+from skytune.train import common, pipeline
+from skytune.train.session import Session
+
+
+def dpo_config(recipe: Recipe, dev: common.Device, session: Session):
+    from trl import DPOConfig
+
+    d = recipe.dpo
+    if d.max_prompt_length is not None:
+        raise SkytuneError("dpo.max_prompt_length: TRL 1.16 cuts prompt + reply together at "
+                           "train.max_length; remove dpo.max_prompt_length and set that")
+    return DPOConfig(
+        **common.training_kwargs(recipe, dev, session.output_dir),
+        beta=d.beta,
+        loss_type=[d.loss_type],
+        max_length=recipe.train.max_length,
+        precompute_ref_log_probs=False,  # the reference runs alongside: no extra pass, no cache
+        dataset_num_proc=None,
+    )
+
+
+def train(recipe: Recipe, resume: str = "auto", dry_run: bool = False) -> dict[str, Any]:
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    dev = common.detect_device()
+    data = prepare(recipe.data, "dpo", recipe.path, seed=recipe.train.seed)
+    model_path = common.resolve_model(recipe.model)
+    tokenizer = common.load_tokenizer(model_path)
+    session = Session(recipe, resume=resume)
+    args = dpo_config(recipe, dev, session)
+    if dry_run:
+        return {**common.describe(recipe, dev, data, model_path, args),
+                "beta": recipe.dpo.beta, "init_from": recipe.init_from}
+    if done := session.start():
+        return done
+    start = pipeline.fetch_start(recipe, session.work / "init")
+    model, peft_config, ref_model = pipeline.load_start(recipe, start, dev, reference=True)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,  # None: TRL uses the adapter-disabled model or the "ref" adapter
+        args=args,
+        train_dataset=Dataset.from_list(data.train),
+        eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=session.callbacks(),
+    )
+    return session.train(trainer)
