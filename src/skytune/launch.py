@@ -48,12 +48,13 @@ if TYPE_CHECKING:
 SECRET_NAMES = ("HF_TOKEN", "WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                 "AWS_SESSION_TOKEN")
 AWS_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# A private image registry's login; SkyPilot wants all three together, in secrets.
+DOCKER_SECRETS = ("SKYPILOT_DOCKER_USERNAME", "SKYPILOT_DOCKER_PASSWORD",
+                  "SKYPILOT_DOCKER_SERVER")
 # Not secret, but the VM needs them to reach the same bucket / W&B project as you.
 PASS_ENVS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "WANDB_PROJECT",
              "WANDB_ENTITY")
 
-# Used only when skytune.images (the one place image tags live) is not importable.
-DEFAULT_IMAGE = "ghcr.io/skytune/skytune:0.1.0-default"
 JOB_DIR = "/skytune/job"          # where the task mounts the staged recipe on the VM
 STAGED_RECIPE = "recipe.yaml"
 STAGING_ROOT = Path(".skytune/staging")
@@ -426,12 +427,10 @@ def _slug(name: str) -> str:
 
 
 def default_image(recipe: Recipe | None = None) -> str:
-    """skytune.images decides (by recipe: default, unsloth...); this module's constant only
-    when that module is missing. recipe None: the default image (what jobs/*.yaml name)."""
-    try:
-        from skytune import images
-    except ImportError:
-        return DEFAULT_IMAGE
+    """skytune.images, the one place image tags live, decides (default, unsloth...);
+    recipe None: the default image (what jobs/*.yaml name)."""
+    from skytune import images
+
     return images.image_for(recipe) if recipe is not None else images.image_tag()
 
 
@@ -467,6 +466,8 @@ def local_secrets(recipe: Recipe) -> dict[str, str]:
     AWS keys go only to recipes that touch s3:// (a rented VM needs no more than that).
     """
     out = {k: os.environ[k] for k in SECRET_NAMES if os.environ.get(k)}
+    if all(k in os.environ for k in DOCKER_SECRETS):  # an empty password is ECR's IAM login
+        out.update({k: os.environ[k] for k in DOCKER_SECRETS})
     if not _uses_s3(recipe):
         return {k: v for k, v in out.items() if k not in AWS_SECRETS}
     if not out.get("AWS_ACCESS_KEY_ID"):

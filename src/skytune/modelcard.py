@@ -73,7 +73,7 @@ def model_card(meta: dict[str, Any], *, recipe_yaml: str | None = None,
         "",
         f"# {recipe.get('name') or meta.get('run_id') or 'skytune model'}",
         "",
-        f"Fine-tuned with [skytune](https://github.com/) ({method}); this repository holds {what}.",
+        f"Fine-tuned with skytune ({method}); this repository holds {what}.",
         "",
         "| | |",
         "|---|---|",
@@ -83,8 +83,8 @@ def model_card(meta: dict[str, Any], *, recipe_yaml: str | None = None,
         + (f", r={adapter.get('r')}, alpha={adapter.get('alpha')}" if adapter.get("r") else "")
         + " |",
         f"| run | `{meta.get('run_id', '?')}`, step {meta.get('step', '?')} |",
-        f"| data | `{(recipe.get('data') or {}).get('train', '?')}` "
-        f"(sha256 {meta.get('data_hash') or 'not recorded'}) |",
+        (f"| data | `{(recipe.get('data') or {}).get('train', '?')}` "
+         f"(sha256 {meta.get('data_hash') or 'not recorded'}) |"),
     ]
     if kind == "merged":
         lines.append(f"| merged dtype | {meta.get('dtype', '?')} |")
@@ -97,12 +97,12 @@ def model_card(meta: dict[str, Any], *, recipe_yaml: str | None = None,
     if verification:
         v = verification
         lines += ["", "## Merge verification", "",
-                  f"Logits of the merged model vs. base + adapter (unmerged, PEFT) on "
-                  f"{v.get('prompts')} fixed prompts ({v.get('positions')} positions), computed "
-                  f"in {v.get('compute_dtype')} on {v.get('device')}: max |Δlogit| = "
-                  f"{v.get('max_abs'):.3g} (tolerance {v.get('tol_max_abs'):.3g}), mean KL = "
-                  f"{v.get('kl_mean'):.3g} (tolerance {v.get('tol_kl'):.3g}), top-1 agreement "
-                  f"{v.get('top1_agree'):.4f}. **{'passed' if v.get('passed') else 'FAILED'}**"]
+                  (f"Logits of the merged model vs. base + adapter (unmerged, PEFT) on "
+                   f"{v.get('prompts')} fixed prompts ({v.get('positions')} positions), computed "
+                   f"in {v.get('compute_dtype')} on {v.get('device')}: max |Δlogit| = "
+                   f"{v.get('max_abs'):.3g} (tolerance {v.get('tol_max_abs'):.3g}), mean KL = "
+                   f"{v.get('kl_mean'):.3g} (tolerance {v.get('tol_kl'):.3g}), top-1 agreement "
+                   f"{v.get('top1_agree'):.4f}. **{'passed' if v.get('passed') else 'FAILED'}**")]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     if recipe_yaml:

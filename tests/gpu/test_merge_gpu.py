@@ -52,7 +52,7 @@ def test_merge_1b_bf16_verified(bench_dir):
     measured in a fresh process."""
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "merge_bench.py"), "merge",
                         "--dir", str(bench_dir), "--dtype", "bf16"],
-                       capture_output=True, text=True, env={**os.environ,
+                       capture_output=True, text=True, check=False, env={**os.environ,
                                                             "PYTHONPATH": str(ROOT / "src")})
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])["merge"]
