@@ -1,13 +1,14 @@
 """S3 throughput: skytune's S3Store against `aws s3 cp --recursive`, same data, same server.
 
     .venv/bin/python bench/s3_bench.py                       # local moto_server, 1 GiB checkpoint
-    .venv/bin/python bench/s3_bench.py --url s3://my-bucket/bench --size-gb 4   # a real bucket
+    .venv/bin/python bench/s3_bench.py --url s3://my-bucket/bench --size-gb 4  # real bucket
 
 Builds a checkpoint-like directory (a few large random "safetensors" shards plus small json
 files), then times four transfers of it, --rounds times in alternating order: upload with
 skytune, upload with awscli, download with skytune, download with awscli. The ratio is
-awscli's median time over skytune's (> 1.0 means skytune is faster). It also times the full artifact protocol
-(upload_artifact/download_artifact: sha256 of every file + COMPLETE marker) for reference.
+awscli's median time over skytune's (> 1.0 means skytune is faster). It also times the full
+artifact protocol (upload_artifact/download_artifact: sha256 of every file + COMPLETE
+marker) for reference.
 Results go to bench/results/s3-<host>-<date>.json.
 
 Against the local moto_server (the default) the server keeps every object in memory (about

@@ -72,7 +72,8 @@ def start_moto_server(log: Path, port: int | None = None) -> tuple[subprocess.Po
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}")
+                tail = log.read_text()[-2000:]
+                raise RuntimeError(f"moto_server did not start: {tail}") from None
             time.sleep(0.1)
 
 

@@ -251,7 +251,10 @@ def _size(n: int) -> str:
 
 
 def main() -> None:
-    from typer._click import exceptions as click_exc  # typer >= 0.25 vendors click
+    try:
+        from typer._click import exceptions as click_exc  # typer >= 0.25 vendors click
+    except ImportError:
+        from click import exceptions as click_exc
 
     try:
         app(standalone_mode=False)

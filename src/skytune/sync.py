@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -288,11 +289,14 @@ class CheckpointUploader:
         self.attempts = max(1, int(os.environ.get("SKYTUNE_UPLOAD_ATTEMPTS", "5")))
         self.backoff = float(os.environ.get("SKYTUNE_UPLOAD_BACKOFF", "10"))
         self.failed: list[int] = []
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="skytune-upload")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="skytune-upload",
+                                        initializer=_lower_priority)
         self._pending: list = []
 
-    def submit(self, local_dir: Path, step: int, meta: dict[str, Any]) -> None:
-        """Queue a saved checkpoint for upload (metrics are flushed with it) and return."""
+    def submit(self, local_dir: Path, step: int, meta: dict[str, Any] | Callable[[], dict]
+               ) -> None:
+        """Queue a saved checkpoint for upload (metrics are flushed with it) and return.
+        `meta` may be a function (run on the upload thread, e.g. to stamp the directory)."""
         self._pending.append(self._pool.submit(self._upload, Path(local_dir), step, meta))
 
     def wait(self) -> list[int]:
@@ -309,6 +313,8 @@ class CheckpointUploader:
     def _upload(self, local_dir: Path, step: int, meta: dict[str, Any]) -> None:
         name = f"checkpoints/step-{step}"
         t0 = time.monotonic()
+        if callable(meta):
+            meta = meta()
 
         def attempt() -> dict:
             self.writer.flush_metrics()
@@ -361,6 +367,15 @@ def retry(fn, what: str, attempts: int, backoff: float):
                         delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _lower_priority() -> None:
+    """Run uploads (and the s3transfer threads they start, which inherit it) at nice 10: on
+    a VM with few cores, hashing and sending must not take CPU from the training loop."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
 
 
 def _fault_hook():

@@ -118,6 +118,12 @@ def child_env(s3_server, work: Path, **extra) -> dict[str, str]:
             "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
+def corrupt_newest(store, run: str, complete: list[int]) -> tuple[int, int]:
+    """Bit rot in the newest COMPLETE checkpoint: resume must skip it for the next older."""
+    store.put_bytes(f"{run}/checkpoints/step-{complete[0]}/adapter_model.safetensors", b"rot")
+    return complete[0], complete[1]
+
+
 def adapter_tensors(store, run: str, dst: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -162,27 +168,22 @@ def test_sigkill_at_random_moments_resumes_and_matches_uninterrupted(
         expected = complete[0] if complete else None
         corrupt_now = corrupted is None and len(complete) >= 2 and i >= 4
         if corrupt_now:
-            # A COMPLETE checkpoint whose bytes no longer match: must be skipped on resume.
-            corrupted = complete[0]
-            store.put_bytes(f"{run}/checkpoints/step-{corrupted}/adapter_model.safetensors",
-                            b"bit rot")
-            expected = complete[1]
+            corrupted, expected = corrupt_newest(store, run, complete)
         if expected is not None:
             resumes_expected.append(expected)
         extra = {"SKYTUNE_FAULT_DELAY_UPLOAD": "2"} if mode == "upload" else {}
         t = Trainer(forkserver, recipe, child_env(s3_server, work, **extra),
                     tmp_path / f"run-{i}.log", args=args)
         local = work / run / "checkpoints"
-        started = lambda: "gradient check" in t.text()  # noqa: E731 - first optimizer step
-        if mode == "step":
-            hit = t.wait_for(started)
+        if mode == "step":  # after the first optimizer step
+            hit = t.wait_for(lambda t=t: "gradient check" in t.text())
             time.sleep(rng.uniform(0.0, 0.8))
         elif mode == "save":
             floor = expected or 0
-            hit = t.wait_for(lambda: any(int(p.name.split("-")[1]) > floor
-                                         for p in local.glob("checkpoint-*")))
+            hit = t.wait_for(lambda floor=floor, local=local: any(
+                int(p.name.split("-")[1]) > floor for p in local.glob("checkpoint-*")))
         else:
-            hit = t.wait_for(lambda: "fault hook: checkpoint upload in progress" in t.text())
+            hit = t.wait_for(lambda t=t: "fault hook: checkpoint upload in progress" in t.text())
             time.sleep(rng.uniform(0.0, 1.0))
         if not hit or not t.proc.is_alive():
             assert t.exit_code() == 0, t.text()[-3000:]
@@ -204,16 +205,19 @@ def test_sigkill_at_random_moments_resumes_and_matches_uninterrupted(
     assert len(kills) >= 10, kills
     assert all(code == -signal.SIGKILL for _, code, _ in kills)
     assert partial_seen >= 1  # an upload was cut between its files and COMPLETE
-    assert corrupted is not None, kills
 
-    # Let it finish.
+    # Let it finish (corrupting a checkpoint first if the loop never had two to choose from).
     shutil.rmtree(work, ignore_errors=True)
     complete = complete_checkpoints(store, run)
+    expected = complete[0] if complete else None
+    if corrupted is None and len(complete) >= 2:
+        corrupted, expected = corrupt_newest(store, run, complete)
     last = Trainer(forkserver, recipe, child_env(s3_server, work), tmp_path / "last.log",
                    args=args)
     assert last.exit_code() == 0, last.text()[-3000:]
-    if complete:
-        assert f"resuming {run} from step {complete[0]}" in last.text()
+    assert corrupted is not None, kills
+    if expected is not None:
+        assert f"resuming {run} from step {expected}" in last.text()
     m = read_manifest(store, run)
     assert m["status"] == "completed" and m["step"] == MAX_STEPS
     # global step continued: each step trained and logged exactly once, in order

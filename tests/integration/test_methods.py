@@ -81,7 +81,8 @@ def test_sft_then_dpo_pipeline_and_resume(tmp_path):
     sft, dpo = result["stages"]
     assert [s["status"] for s in result["stages"]] == ["completed", "completed"]
     assert (sft["step"], dpo["step"]) == (4, 4)
-    sft_adapter, dpo_adapter = artifact(sft["run_url"], "adapter"), artifact(dpo["run_url"], "adapter")
+    artifact(sft["run_url"], "adapter")
+    dpo_adapter = artifact(dpo["run_url"], "adapter")
     meta = json.loads((dpo_adapter / "skytune.json").read_text())
     assert meta["base_model"] == "tiny:llama" and meta["method"] == "dpo"
     assert meta["recipe"]["init_from"] == sft["run_url"]

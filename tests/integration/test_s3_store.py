@@ -12,7 +12,12 @@ import pytest
 
 from skytune.errors import SkytuneError
 from skytune.store import (
-    COMPLETE, download_artifact, open_store, read_complete, sha256_file, upload_artifact,
+    COMPLETE,
+    download_artifact,
+    open_store,
+    read_complete,
+    sha256_file,
+    upload_artifact,
 )
 from skytune.stores.s3 import PART_SIZE, S3Store
 

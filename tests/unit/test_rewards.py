@@ -6,7 +6,12 @@ import pytest
 
 from skytune.errors import SkytuneError, TrainingFailed
 from skytune.rewards import (
-    extract_answer, format_reward, length_penalty, load_rewards, math_exact, normalize_answer,
+    extract_answer,
+    format_reward,
+    length_penalty,
+    load_rewards,
+    math_exact,
+    normalize_answer,
 )
 
 

@@ -16,7 +16,13 @@ import pytest
 
 from skytune.errors import SkytuneError
 from skytune.store import (
-    COMPLETE, FileStore, download_artifact, iter_dirs, open_store, read_complete, upload_artifact,
+    COMPLETE,
+    FileStore,
+    download_artifact,
+    iter_dirs,
+    open_store,
+    read_complete,
+    upload_artifact,
 )
 
 
@@ -135,7 +141,8 @@ class FakeHfApi:
         for op in operations:
             if isinstance(op, CommitOperationAdd):
                 src = op.path_or_fileobj
-                self.files[op.path_in_repo] = src if isinstance(src, bytes) else Path(src).read_bytes()
+                data = src if isinstance(src, bytes) else Path(src).read_bytes()
+                self.files[op.path_in_repo] = data
             else:
                 del self.files[op.path_in_repo]
         self.commits.append(commit_message)

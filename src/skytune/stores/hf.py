@@ -3,7 +3,7 @@
     from skytune.store import open_store
     store = open_store("hf://me/math-qa-runs")          # model repo, created private on first write
     store = open_store("hf://datasets/me/ckpts/skytune") # a dataset repo, under a subfolder
-    store.put_many([(Path("out/adapter/adapter_model.safetensors"), "run/adapter/adapter_model.safetensors")])
+    store.put_many([(Path("out/adapter/model.safetensors"), "run/adapter/model.safetensors")])
 
 The token comes from HF_TOKEN (or `hf auth login`); it needs write access. Every write is a
 commit: `put_many` commits its files together (large files go through LFS/Xet in parallel,
@@ -21,8 +21,12 @@ from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub.errors import (
-    EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, LocalTokenNotFoundError,
-    RepositoryNotFoundError, RevisionNotFoundError,
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    LocalTokenNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
 )
 from huggingface_hub.hf_api import RepoFile
 

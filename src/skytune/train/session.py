@@ -203,5 +203,6 @@ class _StoreCallback(TrainerCallback):
             return
         step = state.global_step
         local = Path(args.output_dir) / f"checkpoint-{step}"
-        meta = self.s.stamp(local, "checkpoint", step)
-        self.s.uploader.submit(local, step, meta)  # returns at once; metrics go with it
+        # Returns at once: stamping, hashing and the upload (metrics with it) run on the
+        # upload thread; the trainer never touches checkpoint-N again.
+        self.s.uploader.submit(local, step, lambda: self.s.stamp(local, "checkpoint", step))
