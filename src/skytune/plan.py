@@ -391,7 +391,7 @@ def data_stats(recipe: Recipe) -> DataStats | None:
     rows = load_rows(location)[: recipe.data.max_rows]
     sample = [apply_fields(r, recipe.data.fields) for r in rows[:MAX_ROWS_COUNTED]]
     count, counted_by = token_counter(recipe)
-    prompts, seqs = zip(*(_row_texts(r, recipe.method) for r in sample))
+    prompts, seqs = zip(*(_row_texts(r, recipe.method) for r in sample), strict=True)
     per_row = len(seqs[0])
     seq_counts = count([s for row in seqs for s in row])
     prompt_counts = count(list(prompts))

@@ -37,7 +37,12 @@ class _Bar:
 def bytes_bar(description: str) -> Iterator[_Bar]:
     from rich.console import Console
     from rich.progress import (
-        BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
     )
 
     console = Console(stderr=True)

@@ -87,7 +87,7 @@ class Store(ABC):
         for key, dst in items:
             self.get_file(key, dst, progress)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook; most stores hold nothing
         """Wait for and release background resources."""
 
 

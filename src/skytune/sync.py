@@ -28,7 +28,12 @@ from typing import TYPE_CHECKING, Any
 from skytune import __version__
 from skytune.errors import SkytuneError
 from skytune.store import (
-    Store, download_artifact, iter_dirs, open_store, read_complete, upload_artifact,
+    Store,
+    download_artifact,
+    iter_dirs,
+    open_store,
+    read_complete,
+    upload_artifact,
 )
 
 if TYPE_CHECKING:

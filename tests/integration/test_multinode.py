@@ -77,7 +77,7 @@ def test_two_nodes_train_one_run(tmp_path):
             for q in procs:
                 q.kill()
             raise
-    for rank, (p, out) in enumerate(zip(procs, outs)):
+    for rank, (p, out) in enumerate(zip(procs, outs, strict=True)):
         assert p.returncode == 0, f"node {rank} exited {p.returncode}:\n{out[-4000:]}"
     runs = [d for d in (tmp_path / "store").iterdir() if d.is_dir()]
     assert len(runs) == 1, runs  # both ranks, one run id (from SKYPILOT_TASK_ID)

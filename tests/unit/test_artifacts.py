@@ -6,7 +6,12 @@ import pytest
 
 from skytune.errors import SkytuneError
 from skytune.store import (
-    COMPLETE, FileStore, download_artifact, open_store, read_complete, sha256_file,
+    COMPLETE,
+    FileStore,
+    download_artifact,
+    open_store,
+    read_complete,
+    sha256_file,
     upload_artifact,
 )
 

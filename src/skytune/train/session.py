@@ -27,8 +27,14 @@ from skytune import __version__
 from skytune.errors import SkytuneError, TrainingFailed
 from skytune.recipe import Recipe
 from skytune.store import open_store, read_complete
-from skytune.sync import CheckpointUploader, RunWriter, fetch_latest_checkpoint, read_manifest, \
-    retry, run_id
+from skytune.sync import (
+    CheckpointUploader,
+    RunWriter,
+    fetch_latest_checkpoint,
+    read_manifest,
+    retry,
+    run_id,
+)
 from skytune.train import common
 
 log = logging.getLogger("skytune")
@@ -99,8 +105,8 @@ class Session:
             return
         p = Path(self.resume)
         if "://" in self.resume:
-            from skytune.sync import split_run_url
             from skytune.store import download_artifact
+            from skytune.sync import split_run_url
 
             store, key = split_run_url(self.resume)
             p = self.work / "resume" / Path(key).name
