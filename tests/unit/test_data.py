@@ -14,10 +14,23 @@ from skytune.errors import SkytuneError
 from skytune.recipe import Data
 
 SAMPLES = Path(__file__).resolve().parents[2] / "jobs" / "recipes" / "data"
-PNG_1PX = bytes.fromhex(  # a valid 1x1 RGB PNG
-    "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de"
-    "0000000c4944415478da63f8cfc0000003010100c9fe92ef0000000049454e44ae426082"
-)
+
+
+def _png_1px() -> bytes:
+    """A valid 1x1 red RGB PNG, built with zlib so its CRCs are right (Pillow checks them)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00")) + chunk(b"IEND", b""))
+
+
+PNG_1PX = _png_1px()
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
