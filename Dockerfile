@@ -1,13 +1,15 @@
-# skytune's default training image: a CUDA 13 base + the locked Python stack of
-# images/default/requirements.lock (torch 2.13.0 CUDA 13.0 wheel, transformers, TRL, PEFT,
-# bitsandbytes, Liger). A SkyPilot job started from it installs nothing.
+# skytune's training images: a CUDA 13 base + one locked Python stack,
+# images/<IMAGE>/requirements.lock. `default` holds torch 2.13.0 (CUDA 13.0 wheel),
+# transformers, TRL, PEFT, bitsandbytes, Liger; `unsloth` holds Unsloth with the older
+# transformers/TRL it pins (recipes with `adapter.backend: unsloth`). A SkyPilot job started
+# from either installs nothing.
 #
 #   docker build -t ghcr.io/skytune/skytune:0.1.0-default .
+#   docker build --build-arg IMAGE=unsloth -t ghcr.io/skytune/skytune:0.1.0-unsloth .
 #   docker run --rm --gpus all ghcr.io/skytune/skytune:0.1.0-default skytune doctor
 #
-# The tag is defined once, in src/skytune/images.py; images/README.md covers pushing it and
-# registry credentials. images/unsloth/Dockerfile is this file with IMAGE=unsloth
-# (tests/unit/test_images.py keeps the two identical otherwise).
+# The tags are defined once, in src/skytune/images.py; images/README.md covers pushing them
+# and registry credentials.
 #
 # GPUs: torch's CUDA 13.0 wheel carries kernels for sm75..sm120, so A100 (sm80) and H100
 # (sm90) work. The host needs an NVIDIA driver >= 580 (CUDA 13.0); the base image's

@@ -58,7 +58,7 @@ lock-check: install $(BIN)/uv
 	UV=$(BIN)/uv images/lock-check.sh $(BIN)/python
 
 lint-docker: $(BIN)/hadolint
-	$(BIN)/hadolint Dockerfile images/unsloth/Dockerfile
+	$(BIN)/hadolint Dockerfile
 
 clean:
 	rm -rf $(VENV) runs models .skytune

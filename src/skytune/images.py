@@ -5,8 +5,7 @@
                                  # or ':0.1.0-unsloth' when adapter.backend is unsloth
 
 Each image is built from a locked dependency set under images/<name>/ (requirements.in ->
-requirements.lock); the root Dockerfile builds `default`, images/unsloth/Dockerfile builds
-`unsloth`. Set SKYTUNE_IMAGE_REPO to use images you pushed to your own registry
+requirements.lock); the root Dockerfile builds either (`--build-arg IMAGE=unsloth`). Set SKYTUNE_IMAGE_REPO to use images you pushed to your own registry
 (e.g. 123456789012.dkr.ecr.us-east-1.amazonaws.com/skytune); images/README.md says how.
 SkyPilot wants `docker:<ref>` in `image_id`; launch.py adds that prefix.
 """
