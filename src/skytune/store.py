@@ -105,24 +105,13 @@ class FileStore(Store):
         return p
 
     def put_file(self, src: Path, key: str, progress: Progress | None = None) -> None:
-        dst = self._p(key)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + ".part")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-        if progress:
-            progress(dst.stat().st_size)
+        _copy_atomic(src, self._p(key), progress)
 
     def get_file(self, key: str, dst: Path, progress: Progress | None = None) -> None:
         src = self._p(key)
         if not src.is_file():
             raise SkytuneError(f"{self.url}/{key}: no such object")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + ".part")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-        if progress:
-            progress(dst.stat().st_size)
+        _copy_atomic(src, dst, progress)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         dst = self._p(key)
@@ -161,6 +150,16 @@ class FileStore(Store):
         except OSError as e:
             raise SkytuneError(f"store {self.url}: cannot create it: {e.strerror}") from None
         super().check()
+
+
+def _copy_atomic(src: Path, dst: Path, progress: Progress | None) -> None:
+    """Copy to a temp name, then rename: a reader never sees a half-written file."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".part")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    if progress:
+        progress(dst.stat().st_size)
 
 
 def open_store(url: str, *, endpoint_url: str | None = None, private: bool = True) -> Store:
