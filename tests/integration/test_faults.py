@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -175,8 +176,11 @@ def test_sigkill_at_random_moments_resumes_and_matches_uninterrupted(
         t = Trainer(forkserver, recipe, child_env(s3_server, work, **extra),
                     tmp_path / f"run-{i}.log", args=args)
         local = work / run / "checkpoints"
-        if mode == "step":  # after the first optimizer step
-            hit = t.wait_for(lambda t=t: "gradient check" in t.text())
+        if mode == "step":  # mid-training, once a newer checkpoint is COMPLETE in the store:
+            # every such kill then guarantees progress, however slow the machine is
+            floor = expected or 0
+            hit = t.wait_for(lambda t=t, floor=floor: any(
+                int(m) > floor for m in re.findall(r"checkpoint step (\d+)\s+uploaded", t.text())))
             time.sleep(rng.uniform(0.0, 0.8))
         elif mode == "save":
             floor = expected or 0
