@@ -27,38 +27,14 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-
-
-def start_moto(log: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "wb") as out:
-        # nice 19: a real S3 server is remote and takes no CPU from the training machine;
-        # the local stand-in should not either, or it is what the measurement sees.
-        proc = subprocess.Popen([sys.executable, "-c", "from moto.server import main; main()",
-                                 "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT,
-                                preexec_fn=lambda: os.nice(19))
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).read()
-            return proc, url
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"moto_server did not start; see {log}")
 
 
 class Timeline:
@@ -168,6 +144,8 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO / "src"))
+    from skytune.stores.local_s3 import start_local_s3
+
     work = Path(tempfile.mkdtemp(prefix="skytune-stall-"))
     os.environ["SKYTUNE_WORK_DIR"] = str(work / "work")
     moto = None
@@ -177,7 +155,7 @@ def main() -> None:
             for k, v in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                          "AWS_DEFAULT_REGION": "us-east-1"}.items():
                 os.environ[k] = v
-            moto, endpoint = start_moto(work / "moto.log")
+            moto, endpoint = start_local_s3(work / "moto.log", nice=19)
             os.environ["AWS_ENDPOINT_URL"] = endpoint
             import boto3
 

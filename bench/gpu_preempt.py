@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,37 +23,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny:llama-h768-l12")
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     a = ap.parse_args()
-    port = free_port()
-    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    sys.path.insert(0, str(REPO / "src"))
+    from skytune.stores.local_s3 import start_local_s3
+
+    server, endpoint = start_local_s3(Path("/tmp/skytune-preempt-moto.log"))
+    env = {**os.environ, "AWS_ENDPOINT_URL": endpoint,
            "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
            "AWS_DEFAULT_REGION": "us-east-1", "PYTHONUNBUFFERED": "1",
            "SKYTUNE_WORK_DIR": "/tmp/skytune-preempt-work"}
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         import boto3
 
-        for _ in range(100):
-            try:
-                s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
-                                  aws_access_key_id="test", aws_secret_access_key="test",
-                                  region_name="us-east-1")
-                s3.create_bucket(Bucket="skytune")
-                break
-            except Exception:  # noqa: BLE001 - server still starting
-                time.sleep(0.2)
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test",
+                          aws_secret_access_key="test", region_name="us-east-1")
+        s3.create_bucket(Bucket="skytune")
         half = a.steps // 2
         cmd = [sys.executable, "-m", "skytune.cli", "train", "jobs/recipes/demo.yaml",
                "--set", f"model={a.model}", "--set", "output.store=s3://skytune/gpu",

@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -51,25 +50,6 @@ def make_checkpoint(d: Path, size_gb: float, shards: int) -> int:
         (d / name).write_text(json.dumps({"name": name, "pad": "x" * 2000}))
     (d / "rng_state.pth").write_bytes(os.urandom(15_000))
     return sum(p.stat().st_size for p in d.iterdir())
-
-
-def start_moto(log: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", "from moto.server import main; main()",
-                                 "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT)
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).read()
-            return proc, url
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"moto_server did not start; see {log}")
 
 
 def timed(fn) -> float:
@@ -105,6 +85,7 @@ def main() -> None:
     import s3transfer
 
     from skytune.store import download_artifact, upload_artifact
+    from skytune.stores.local_s3 import start_local_s3
     from skytune.stores.s3 import CONCURRENCY, PART_SIZE, S3Store
 
     work = Path(tempfile.mkdtemp(prefix="skytune-s3bench-", dir=args.workdir))
@@ -119,7 +100,7 @@ def main() -> None:
                          "AWS_CONFIG_FILE": str(work / "none"),
                          "AWS_SHARED_CREDENTIALS_FILE": str(work / "none")}.items():
                 env[k] = os.environ[k] = v
-            moto, endpoint = start_moto(work / "moto.log")
+            moto, endpoint = start_local_s3(work / "moto.log")
             bucket = f"bench-{uuid.uuid4().hex[:8]}"
             boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
             url = f"s3://{bucket}"

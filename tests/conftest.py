@@ -12,16 +12,13 @@ uploads and timeouts behave as against a real endpoint. The server starts once p
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
+
+from skytune.stores.local_s3 import free_port, start_local_s3
 
 # Dummy credentials, and no ~/.aws files: a developer's real profile must never be used by tests.
 S3_ENV = {
@@ -49,40 +46,12 @@ class S3Server:
         return name
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_moto_server(log: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """Start moto_server on 127.0.0.1 and wait until it answers. Caller terminates it."""
-    port = port or free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from moto.server import main; main()",
-             "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).read()
-            return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                tail = log.read_text()[-2000:]
-                raise RuntimeError(f"moto_server did not start: {tail}") from None
-            time.sleep(0.1)
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A moto_server for the session; sets AWS_ENDPOINT_URL and dummy credentials."""
     pytest.importorskip("boto3")
     pytest.importorskip("moto.server")
-    proc, url = start_moto_server(tmp_path_factory.mktemp("moto") / "moto.log")
+    proc, url = start_local_s3(tmp_path_factory.mktemp("moto") / "moto.log")
     env = {**S3_ENV, "AWS_ENDPOINT_URL": url}
     mp = pytest.MonkeyPatch()
     for k, v in env.items():

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -168,26 +169,25 @@ def read_manifest(store: Store, run: str) -> dict[str, Any] | None:
         return None
 
 
+def checkpoint_steps(store: Store, run: str) -> list[int]:
+    """Steps of every checkpoint directory of this run, complete or not, newest first."""
+    prefix = f"{run}/checkpoints"
+    return sorted((int(d[5:]) for d in iter_dirs(store.list(prefix), prefix)
+                   if d.startswith("step-") and d[5:].isdigit()), reverse=True)
+
+
 def complete_checkpoints(store: Store, run: str) -> list[int]:
     """Steps of this run's checkpoints that have a COMPLETE marker, newest first."""
-    prefix = f"{run}/checkpoints"
-    steps = []
-    for d in iter_dirs(store.list(prefix), prefix):
-        if d.startswith("step-") and d[5:].isdigit():
-            steps.append(int(d[5:]))
-    return [s for s in sorted(steps, reverse=True)
-            if read_complete(store, f"{prefix}/step-{s}") is not None]
+    return [s for s in checkpoint_steps(store, run)
+            if read_complete(store, f"{run}/checkpoints/step-{s}") is not None]
 
 
 def fetch_latest_checkpoint(store: Store, run: str, work_dir: Path) -> tuple[Path, int] | None:
     """Download the newest complete, intact checkpoint into work_dir; skip broken ones."""
-    prefix = f"{run}/checkpoints"
-    steps = sorted((int(d[5:]) for d in iter_dirs(store.list(prefix), prefix)
-                    if d.startswith("step-") and d[5:].isdigit()), reverse=True)
-    for step in steps:
+    for step in checkpoint_steps(store, run):
         dst = work_dir / f"checkpoint-{step}"
         try:
-            download_artifact(store, f"{prefix}/step-{step}", dst)
+            download_artifact(store, f"{run}/checkpoints/step-{step}", dst)
         except SkytuneError as e:
             log.warning("skipping checkpoint step %d: %s", step, e)
             continue
@@ -345,15 +345,11 @@ class CheckpointUploader:
         """Keep the newest keep_last COMPLETE checkpoints up to `step`; delete the rest below
         it, including leftovers of uploads that were killed before their COMPLETE."""
         store, run = self.writer.store, self.writer.run_id
-        prefix = f"{run}/checkpoints"
-        steps = [int(d[5:]) for d in iter_dirs(store.list(prefix), prefix)
-                 if d.startswith("step-") and d[5:].isdigit()]
+        steps = checkpoint_steps(store, run)
         complete = [s for s in complete_checkpoints(store, run) if s <= step]
         keep = set(complete[: self.keep_last])  # newest first
         for old in sorted(s for s in steps if s < step and s not in keep):
             self.writer.remove_artifact(f"checkpoints/step-{old}")
-        import shutil
-
         for d in local_dir.parent.glob("checkpoint-*"):
             if d.name.split("-")[-1].isdigit() and int(d.name.split("-")[-1]) < step:
                 shutil.rmtree(d, ignore_errors=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,16 +17,12 @@ import yaml
 
 from skytune import launch
 from skytune.recipe import load_recipe
+from skytune.stores.local_s3 import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "jobs" / "recipes" / "data" / "demo_qa.jsonl"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_env(rank: int, staging: Path, work: Path, port: int) -> dict[str, str]:
