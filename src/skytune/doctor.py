@@ -224,7 +224,7 @@ def _check_recipe(rep: Report, r: Recipe) -> None:
     if r.adapter.type == "qlora" and not rep.versions.get("bitsandbytes"):
         rep.error("recipe uses adapter.type: qlora but bitsandbytes is not installed",
                   "pip install bitsandbytes (it is in skytune's image)")
-    hub_model = not (r.model.startswith("tiny:") or Path(r.path(r.model)).exists())
+    hub_model = not (r.model.startswith(("tiny:", "random:")) or Path(r.path(r.model)).exists())
     if hub_model and not rep.hf_token_set:
         rep.warn(f"HF_TOKEN is not set; gated models ({r.model}?) will not download",
                  "export HF_TOKEN=hf_... here; for SkyPilot jobs pass it as a secret "
@@ -281,7 +281,7 @@ def _model_bytes(r: Recipe) -> tuple[int | None, bool]:
 
     try:
         local = Path(r.path(r.model))
-        if r.model.startswith("tiny:") or local.is_dir():
+        if r.model.startswith(("tiny:", "random:")) or local.is_dir():
             return 2 * mc.arch_for(r.model, r.base_dir).n_params(), True
         cached = _cached_hub_config(r.model)
         if cached is not None:

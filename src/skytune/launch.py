@@ -238,7 +238,7 @@ class _Stager:
 
 
 def _is_local(p: str) -> bool:
-    return p.startswith("file://") or ("://" not in p and not p.startswith("tiny:"))
+    return p.startswith("file://") or ("://" not in p and not p.startswith(("tiny:", "random:")))
 
 
 def _existing_path(recipe: Recipe, p: str | None) -> str | None:

@@ -116,6 +116,8 @@ def arch_for(model: str, base_dir: Path | None = None) -> Arch:
     """Architecture of a recipe's `model`: tiny:*, a local directory, or a hub id."""
     if model.startswith("tiny:"):
         return _tiny(model)
+    if model.startswith("random:"):  # random weights, the named model's architecture
+        return arch_for(model.removeprefix("random:"), base_dir)
     local = Path(model).expanduser()
     if not local.is_absolute() and base_dir is not None:
         local = base_dir / local

@@ -79,10 +79,10 @@ BATCH_SATURATION_TOKENS = 256  # tokens per micro-batch at which matmuls run at 
 MULTI_GPU_SCALING = {"single": 1.0, "ddp": 0.92, "fsdp": 0.85}
 GEN_BW_EFFICIENCY = 0.3  # HF generate() reaches ~30% of memory bandwidth per decode step
 
-# Bytes per activation element the loss keeps per token and vocab entry: bf16 logits (2),
-# the fp32 upcast (4), log_softmax's saved output (4), its gradient in backward (2 net).
-LOGITS_BYTES = 12.0
-LIGER_LOGITS_FRACTION = 0.1  # Liger's fused linear cross-entropy never builds full logits
+# TRL's fused LM head (every trainer since TRL 1.x) never builds the (tokens, vocab) logits:
+# it projects tiles of 4096 tokens x 32768 vocab entries (bf16 product, fp32 softmax pieces
+# and the gradient tile in backward: ~10 bytes per element).
+LM_HEAD_TILE_BYTES = 4096 * 32768 * 10.0
 # PEFT casts each LoRA input to the adapter dtype; under bf16 autocast lora_A saves a bf16
 # copy (2 bytes per input feature), plus the dropout mask (1 byte) when dropout > 0.
 LORA_SAVED_BYTES = 2.0
@@ -130,21 +130,23 @@ class MemoryEstimate:
 
 def estimate_memory(
     arch: Arch, adapter: Adapter, train_cfg: Train, micro_batch: int, seq: int,
-    grad_ckpt: bool, *, method: str = "sft", n_gpus: int = 1, strategy: str = "single",
-    kv_cache_seqs: int = 0, reference: bool | None = None,
+    grad_ckpt: bool | int, *, method: str = "sft", n_gpus: int = 1, strategy: str = "single",
+    kv_cache_seqs: int = 0, reference: bool | None = None, liger: bool = False,
+    lora_cast: bool = True,
 ) -> MemoryEstimate:
-    """Peak memory per GPU. `strategy` fsdp shards weights, grads and optimizer over n_gpus;
-    `kv_cache_seqs` > 0 adds a generation KV cache of that many sequences (GRPO);
-    `reference` (default: method is dpo) keeps a frozen reference copy in full fine-tuning."""
+    """Peak memory per GPU. `grad_ckpt`: False/0 off, True/1 every layer, n every n-th layer;
+    `strategy` fsdp shards weights, grads and optimizer over n_gpus; `kv_cache_seqs` > 0 adds
+    a generation KV cache of that many sequences (GRPO); `reference` (default: method is dpo)
+    keeps a frozen reference copy in full fine-tuning; `liger` (RMSNorm/SwiGLU kernels) and
+    `lora_cast` (PEFT's copy of each LoRA input) change what a layer keeps for backward."""
     kind = adapter.type
     shard = n_gpus if strategy == "fsdp" else 1
     ref = method == "dpo" if reference is None else reference
     parts = _state_bytes(arch, adapter, train_cfg, ref, shard)
     seqs = micro_batch * (2 if method == "dpo" else 1)  # DPO runs chosen and rejected
-    acts = _activation_bytes(arch, adapter, train_cfg, seqs * seq, seq, grad_ckpt)
-    logits = seqs * seq * arch.vocab * LOGITS_BYTES
-    if train_cfg.liger:
-        logits *= LIGER_LOGITS_FRACTION
+    acts = _activation_bytes(arch, adapter, train_cfg, seqs * seq, seq, grad_ckpt,
+                             liger=liger, lora_cast=lora_cast)
+    logits = LM_HEAD_TILE_BYTES * min(1.0, seqs * seq / 4096) * min(1.0, arch.vocab / 32768)
     kv = kv_cache_seqs * seq * 2 * arch.layers * arch.kv_heads * arch.hd * 2
     step = parts.pop("optimizer_step")
     # The peak is the largest of the three moments that never overlap: backward (activations
@@ -183,53 +185,75 @@ def _state_bytes(arch: Arch, adapter: Adapter, train_cfg: Train, reference: bool
 
 
 def layer_activation_bytes_per_token(arch: Arch, adapter: Adapter, attention: str,
-                                     seq: int) -> float:
+                                     seq: int, liger: bool = False,
+                                     lora_cast: bool = True) -> float:
     """Bytes one decoder layer keeps for backward, per token (bf16, SDPA/flash attention).
 
-    Counted from what autograd saves: RMSNorm's fp32 input (4h) and, when its weight trains,
-    its bf16 output (2h); SDPA's q, k, v, output (2q + 2kv + 2kv + 2q); SwiGLU's gate, silu,
-    up (6i) and down_proj's input (2i, only when down_proj's weight trains). Frozen linears
-    save no input, so LoRA adds its own saved copies instead.
+    Counted from what autograd saves: RMSNorm's fp32 input (4h; Liger's kernel keeps the bf16
+    input, 2h) and, when its weight trains, its bf16 output (2h); attention's q, k, v, output
+    (2q + 2kv + 2kv + 2q); SwiGLU's gate, silu, up (6i; Liger recomputes silu: 4i) and
+    down_proj's input (2i, only when down_proj's weight trains). Frozen linears save no input,
+    so LoRA adds what lora_A keeps: with PEFT's input cast a bf16 copy per wrapped linear;
+    without it, the inputs themselves, shared by q/k/v and by gate/up (o_proj's input is the
+    attention output, already counted); dropout adds a dropped copy and a mask per linear.
     """
     h, i = arch.hidden, arch.intermediate
     q, kv = arch.heads * arch.hd, arch.kv_heads * arch.hd
     full = adapter.type == "full"
-    per = 2 * (4 * h + (2 * h if full else 0)) + 4 * q + 4 * kv + 6 * i + (2 * i if full else 0)
+    norm = 2 if liger else 4
+    mlp = 4 if liger else 6
+    per = 2 * (norm * h + (2 * h if full else 0)) + 4 * q + 4 * kv + mlp * i + (
+        2 * i if full else 0)
     if not full:
         shapes = arch.linear_shapes()
-        names = shapes if adapter.targets == "all-linear" else adapter.targets
-        saved = LORA_SAVED_BYTES + (1 if adapter.dropout > 0 else 0)
-        per += saved * sum(shapes[n][0] for n in names if n in shapes)
+        names = [n for n in (shapes if adapter.targets == "all-linear" else adapter.targets)
+                 if n in shapes]
+        if adapter.dropout > 0:
+            per += (LORA_SAVED_BYTES + 1) * sum(shapes[n][0] for n in names)
+        elif lora_cast:
+            per += LORA_SAVED_BYTES * sum(shapes[n][0] for n in names)
+        else:
+            inputs = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
+                      "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
+            per += 2 * sum(shapes[n][0] for n in {inputs[n]: n for n in names
+                                                  if n in inputs}.values())
     if attention == "eager":  # the seq × seq score and probability matrices, per head
         per += arch.heads * seq * (2 + 2)
     return per
 
 
+def checkpointed_layers(arch: Arch, grad_ckpt: bool | int) -> int:
+    """Decoder layers that recompute in backward: all (True/1), none (False/0), every n-th."""
+    every = int(grad_ckpt)
+    return 0 if every <= 0 else -(-arch.layers // every)
+
+
 def _activation_bytes(arch: Arch, adapter: Adapter, train_cfg: Train, tokens: int, seq: int,
-                      grad_ckpt: bool) -> float:
-    per_layer = layer_activation_bytes_per_token(arch, adapter, train_cfg.attention, seq) * tokens
-    if grad_ckpt:
-        # Each layer keeps only its bf16 input; backward recomputes one layer at a time
-        # (its activations + their gradients, about as large again).
-        return arch.layers * tokens * arch.hidden * 2 + 2 * per_layer
-    return (arch.layers + 1) * per_layer
+                      grad_ckpt: bool | int, liger: bool = False,
+                      lora_cast: bool = True) -> float:
+    per_layer = layer_activation_bytes_per_token(
+        arch, adapter, train_cfg.attention, seq, liger, lora_cast) * tokens
+    n_ckpt = checkpointed_layers(arch, grad_ckpt)
+    # A checkpointed layer keeps only its bf16 input; backward recomputes one at a time (its
+    # activations + their gradients, about as large again). Others keep everything.
+    kept = n_ckpt * tokens * arch.hidden * 2 + (arch.layers - n_ckpt) * per_layer
+    return kept + (2 * per_layer if n_ckpt else per_layer)
 
 
 # ---------------------------------------------------------------------------------------
 # Throughput
 
 
-def flops_per_token(arch: Arch, kind: str, method: str, seq: int, grad_ckpt: bool,
+def flops_per_token(arch: Arch, kind: str, method: str, seq: int, grad_ckpt: bool | int,
                     lora_params: int = 0) -> float:
     """Training FLOPs per token: forward 2N, backward 2N for activations (+2N for weight
-    grads in full fine-tuning), a recomputed forward with checkpointing, attention, DPO's
-    reference forward."""
+    grads in full fine-tuning), a recomputed forward of the checkpointed layers, attention,
+    DPO's reference forward."""
     n = arch.compute_params()
     attn_fwd = 2 * arch.layers * seq * arch.heads * arch.hd  # causal: QK^T and AV over s/2
     fwd = 2 * n + attn_fwd
     total = 3 * fwd if kind == "full" else 2 * fwd + 6 * lora_params
-    if grad_ckpt:
-        total += fwd
+    total += fwd * checkpointed_layers(arch, grad_ckpt) / arch.layers
     if method == "dpo":
         total += fwd
     return total
@@ -272,22 +296,29 @@ def memory_seq(recipe: Recipe, stats: DataStats | None = None) -> int:
     return min(t.max_length, stats.max_seq_tokens)
 
 
-def _candidates(recipe: Recipe, seq: int) -> list[tuple[int, bool]]:
-    """(micro_batch, grad_ckpt) pairs the recipe allows, fixed values respected."""
+CKPT_CHOICES = (0, 4, 2, 1)  # off, every 4th layer, every 2nd, all: the order to try
+
+
+def _candidates(recipe: Recipe, seq: int) -> list[tuple[int, int]]:
+    """(micro_batch, checkpoint every n-th layer) pairs the recipe allows, fixed values
+    respected (gradient_checkpointing true = every layer, false = none)."""
     t = recipe.train
     mbs = [t.micro_batch] if isinstance(t.micro_batch, int) else [
         m for m in MICRO_BATCHES if m == 1 or m * seq <= MAX_TOKENS_PER_MICRO_BATCH]
-    ckpts = [t.gradient_checkpointing] if isinstance(t.gradient_checkpointing, bool) else [
-        False, True]
+    ckpts = [int(t.gradient_checkpointing)] if isinstance(t.gradient_checkpointing, bool) \
+        else list(CKPT_CHOICES)
     return [(m, c) for m in mbs for c in ckpts]
 
 
 def fit(arch: Arch, recipe: Recipe, gpu_mem_bytes: float, *, n_gpus: int = 1,
-        strategy: str = "single", seq: int | None = None) -> MemoryEstimate | None:
-    """The fastest (micro_batch, grad_ckpt) that fits, as its MemoryEstimate; None if none.
+        strategy: str = "single", seq: int | None = None, liger: bool = False,
+        lora_cast: bool = True) -> MemoryEstimate | None:
+    """The fastest (micro_batch, checkpointing) that fits, as its MemoryEstimate; None if
+    none. `grad_ckpt` of the result: 0 off, n = every n-th layer (1 = all).
 
     Faster = more tokens per micro-batch (better matmul efficiency) divided by the FLOPs
-    checkpointing adds; so checkpointing is chosen only when it buys a larger batch.
+    checkpointing adds; so checkpointing is chosen only when it buys a larger batch, and
+    only on as many layers as that batch needs.
     """
     seq = seq or memory_seq(recipe)
     kind = recipe.adapter.type
@@ -297,7 +328,8 @@ def fit(arch: Arch, recipe: Recipe, gpu_mem_bytes: float, *, n_gpus: int = 1,
         est = estimate_memory(
             arch, recipe.adapter, recipe.train, mb, seq, ckpt, method=recipe.method,
             n_gpus=n_gpus, strategy=strategy, reference=_needs_reference(recipe),
-            kv_cache_seqs=mb * recipe.train.grad_accum if recipe.method == "grpo" else 0)
+            kv_cache_seqs=mb * recipe.train.grad_accum if recipe.method == "grpo" else 0,
+            liger=liger, lora_cast=lora_cast)
         if not est.fits(gpu_mem_bytes):
             continue
         score = batch_efficiency(mb * seq) / flops_per_token(
@@ -312,13 +344,15 @@ def _needs_reference(recipe: Recipe) -> bool:
 
 
 def choose_micro_batch(arch: Arch, recipe: Recipe, gpu_mem_bytes: float, *, n_gpus: int = 1,
-                       strategy: str = "single", seq: int | None = None) -> tuple[int, bool]:
-    """(micro_batch, gradient_checkpointing) for `micro_batch: auto` on this GPU.
+                       strategy: str = "single", seq: int | None = None, liger: bool = False,
+                       lora_cast: bool = True) -> tuple[int, int]:
+    """(micro_batch, checkpoint every n-th layer, 0 = off) for `micro_batch: auto` here.
 
     `seq`: the longest tokenized sequence when the trainer knows it (default max_length).
     """
     seq = seq or memory_seq(recipe)
-    est = fit(arch, recipe, gpu_mem_bytes, n_gpus=n_gpus, strategy=strategy, seq=seq)
+    est = fit(arch, recipe, gpu_mem_bytes, n_gpus=n_gpus, strategy=strategy, seq=seq,
+              liger=liger, lora_cast=lora_cast)
     if est is None:
         need = estimate_memory(arch, recipe.adapter, recipe.train, 1, seq, True,
                                method=recipe.method, n_gpus=n_gpus, strategy=strategy,
@@ -337,26 +371,60 @@ def _trainer_strategy(recipe: Recipe) -> tuple[int, str]:
     return n, "single" if n == 1 else "fsdp" if recipe.adapter.type == "full" else "ddp"
 
 
-def auto_micro_batch(recipe: Recipe, dev: Any) -> int:
-    """`micro_batch: auto` for train/common.py: `dev` has kind ('cuda'|'cpu') and mem_bytes
-    (free GPU memory). Checkpointing 'auto' means on for CUDA, as the trainer decides."""
-    if dev.kind != "cuda" or not dev.mem_bytes:
-        return 2  # CPU runs are tiny models; memory is not what limits them
-    r = recipe.model_copy(deep=True)
-    if r.train.gradient_checkpointing == "auto":
-        r.train.gradient_checkpointing = True
-    n, strategy = _trainer_strategy(r)
-    mb, _ = choose_micro_batch(arch_for(r.model, r.base_dir), r, dev.mem_bytes, n_gpus=n,
-                               strategy=strategy)
-    return mb
+def auto_tuning(recipe: Recipe, dev: Any, *, packable: bool, varlen: bool, liger: bool):
+    """How this run trains (skytune.train.fast.Tuning), from this memory model and `dev`
+    (kind 'cuda'|'cpu', mem_bytes: the GPU memory to plan for).
+
+    packable: the data can be packed (SFT text); varlen: a per-sample attention kernel for
+    packed rows exists here; liger: Liger's kernels are installed and apply to this model.
+    Recipe values that are not auto are kept as given.
+    """
+    from skytune.train.fast import VARLEN, Tuning
+
+    t = recipe.train
+    cuda = dev.kind == "cuda"
+    attention = {"auto": VARLEN if varlen else "sdpa", "varlen": VARLEN}.get(t.attention,
+                                                                             t.attention)
+    packing = t.packing if isinstance(t.packing, bool) else (
+        packable and cuda and attention == VARLEN)
+    use_liger = t.liger if isinstance(t.liger, bool) else (liger and cuda)
+    # PEFT's LoRA input cast only copies under autocast: drop it where training is bf16/fp16.
+    lora_cast = not (cuda and recipe.adapter.type != "full" and t.precision != "fp32")
+    padding_free = recipe.method == "dpo" and attention == VARLEN
+    mb = t.micro_batch
+    ckpt = int(t.gradient_checkpointing) if isinstance(t.gradient_checkpointing, bool) else (
+        1 if cuda else 0)
+    est_gib = None
+    reason = "fixed in the recipe"
+    if cuda and dev.mem_bytes and (mb == "auto" or t.gradient_checkpointing == "auto"):
+        n, strategy = _trainer_strategy(recipe)
+        mb, ckpt = choose_micro_batch(arch_for(recipe.model, recipe.base_dir), recipe,
+                                      dev.mem_bytes, n_gpus=n, strategy=strategy,
+                                      liger=use_liger, lora_cast=lora_cast)
+        est = estimate_memory(arch_for(recipe.model, recipe.base_dir), recipe.adapter, t, mb,
+                              memory_seq(recipe), ckpt, method=recipe.method, n_gpus=n,
+                              strategy=strategy, reference=_needs_reference(recipe),
+                              liger=use_liger, lora_cast=lora_cast)
+        est_gib = round(est.total_gib, 1)
+        reason = "planner: fastest that fits"
+    elif mb == "auto":
+        mb = 2  # CPU runs are tiny models; memory is not what limits them
+        reason = "cpu"
+    return Tuning(micro_batch=int(mb), packing=packing, checkpointing=ckpt, attention=attention,
+                  liger=use_liger, lora_cast=lora_cast, padding_free=padding_free,
+                  estimate_gib=est_gib,
+                  memory_gib=round(dev.mem_bytes / GiB, 1) if dev.mem_bytes else None,
+                  reason=reason)
 
 
-def dry_run_memory(recipe: Recipe, micro_batch: int, grad_ckpt: bool) -> float:
+def dry_run_memory(recipe: Recipe, micro_batch: int, grad_ckpt: bool | int,
+                   liger: bool = False, lora_cast: bool = True) -> float:
     """Estimated peak GB per GPU of this recipe at this micro-batch (for `train --dryrun`)."""
     n, strategy = _trainer_strategy(recipe)
     est = estimate_memory(arch_for(recipe.model, recipe.base_dir), recipe.adapter, recipe.train,
                           micro_batch, memory_seq(recipe), grad_ckpt, method=recipe.method,
-                          n_gpus=n, strategy=strategy, reference=_needs_reference(recipe))
+                          n_gpus=n, strategy=strategy, reference=_needs_reference(recipe),
+                          liger=liger, lora_cast=lora_cast)
     return round(est.total / 1e9, 2)
 
 

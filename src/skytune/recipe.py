@@ -40,7 +40,9 @@ class Adapter(_Section):
     )
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: int | None = Field(None, gt=0, description="LoRA alpha; default 2*r.")
-    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="LoRA dropout (PEFT's default 0: dropout copies every "
+        "adapted input, in memory and time).")
     targets: str | list[str] = Field(
         "all-linear", description="Modules that get adapters: 'all-linear' or a list of names."
     )
@@ -99,8 +101,12 @@ class Train(_Section):
     packing: bool | Literal["auto"] = Field(
         "auto", description="Pack short sequences into full rows (SFT); attention stays per sample."
     )
-    attention: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = "auto"
-    liger: bool = Field(False, description="Use Liger fused kernels (GPU only).")
+    attention: Literal["auto", "varlen", "sdpa", "eager", "flex_attention",
+                       "flash_attention_2"] = Field(
+        "auto", description="auto: varlen (FlashAttention's per-sample kernel in torch) for "
+        "SFT/DPO on GPUs, else sdpa.")
+    liger: bool | Literal["auto"] = Field(
+        "auto", description="Liger's RMSNorm/SwiGLU/RoPE kernels; auto: on GPUs where installed.")
 
 
 class DPO(_Section):
@@ -156,7 +162,7 @@ class Recipe(_Section):
         ..., pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
         description="Run name: lowercase letters, digits, '.', '_', '-'.",
     )
-    model: str = Field(..., description="Hub id, local path, or tiny:llama / tiny:qwen (tests).")
+    model: str = Field(..., description="Hub id, local path, tiny:llama / tiny:qwen (tests), or random:<hub id> (random weights, for benchmarks).")
     method: Method = "sft"
     preset: PresetName = Field("default", description="Fills defaults; your keys still win.")
     init_from: str | None = Field(
@@ -198,7 +204,7 @@ class Recipe(_Section):
 
     def path(self, p: str) -> str:
         """A data/store path as written in the recipe, made absolute if it is local."""
-        if "://" in p or p.startswith("tiny:"):
+        if "://" in p or p.startswith(("tiny:", "random:")):
             return p
         q = Path(p).expanduser()
         return str(q if q.is_absolute() else (self.base_dir / q).resolve())

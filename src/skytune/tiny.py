@@ -130,6 +130,42 @@ def resolve(name: str) -> str:
     return str(target)
 
 
+def resolve_random(name: str) -> str:
+    """Directory of `random:<model>`: that model's architecture (from skytune's catalog, no
+    download) with random weights made at load time on the GPU, and the tiny tokenizer. For
+    throughput benchmarks: the FLOPs and memory of an 8B model without its weights."""
+    from skytune.models_catalog import arch_for
+
+    arch = arch_for(name.removeprefix("random:"))
+    digest = hashlib.sha256(json.dumps(arch.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    target = cache_dir() / f"random-{re.sub(r'[^A-Za-z0-9.-]', '-', arch.name)}-{digest}"
+    if (target / "config.json").is_file():
+        return str(target)
+    from transformers import LlamaConfig, Qwen2Config
+
+    cls = Qwen2Config if arch.qkv_bias else LlamaConfig
+    config = cls(
+        vocab_size=arch.vocab, hidden_size=arch.hidden, intermediate_size=arch.intermediate,
+        num_hidden_layers=arch.layers, num_attention_heads=arch.heads,
+        num_key_value_heads=arch.kv_heads, head_dim=arch.hd, tie_word_embeddings=arch.tied,
+        max_position_embeddings=131072, rope_theta=500000.0, bos_token_id=None,
+        eos_token_id=2, pad_token_id=0,
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".random-", dir=target.parent))
+    try:
+        build_tokenizer(_corpus_texts()).save_pretrained(tmp)
+        config.save_pretrained(tmp)
+        (tmp / "skytune-random.json").write_text(json.dumps({"name": name}))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race; its copy is identical
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
 def build_tokenizer(texts: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -275,13 +275,62 @@ def test_importing_plan_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_trainer_hooks_auto_micro_batch_and_dry_run_memory(data, monkeypatch):
+def test_auto_tuning_packs_and_checkpoints_only_what_memory_needs(data, monkeypatch):
     from types import SimpleNamespace
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     r = make(data)
-    assert P.auto_micro_batch(r, SimpleNamespace(kind="cpu", mem_bytes=0)) == 2
-    mb = P.auto_micro_batch(r, SimpleNamespace(kind="cuda", mem_bytes=int(75 * P.GiB)))
-    assert mb == P.choose_micro_batch(arch_for(r.model), make(
-        data, train__gradient_checkpointing=True), 75 * P.GiB)[0]
+    cpu = P.auto_tuning(r, SimpleNamespace(kind="cpu", mem_bytes=0), packable=True,
+                        varlen=False, liger=False)
+    assert (cpu.micro_batch, cpu.packing, cpu.checkpointing, cpu.liger) == (2, False, 0, False)
+    assert cpu.attention == "sdpa" and cpu.lora_cast  # no autocast on CPU: keep PEFT's cast
+
+    def on(gib, **kw):
+        return P.auto_tuning(r, SimpleNamespace(kind="cuda", mem_bytes=int(gib * P.GiB)),
+                             **{"packable": True, "varlen": True, "liger": True, **kw})
+
+    h100 = on(79)  # 8B LoRA on an 80 GB card: packed 2048-token bins, no recompute at all
+    assert h100.packing and h100.attention == "skytune_varlen" and h100.liger
+    assert not h100.lora_cast and h100.checkpointing == 0
+    assert h100.micro_batch * 2048 >= 8192 and h100.estimate_gib <= 79 * P.USABLE_FRACTION
+    # Less memory: recompute comes back, on as few layers as the budget needs (every 4th,
+    # then every 2nd, then all: a smaller `checkpointing` value recomputes more).
+    cards = [on(gib) for gib in (79, 40, 28, 26, 23)]
+    assert all(c.estimate_gib <= gib * P.USABLE_FRACTION
+               for c, gib in zip(cards, (79, 40, 28, 26, 23), strict=True))
+    recompute = [32 // c.checkpointing if c.checkpointing else 0 for c in cards]
+    assert recompute == sorted(recompute) and recompute[0] == 0 and recompute[-1] > 0
+    assert 0 < recompute[-2] < 32 or 0 < recompute[-1] < 32  # partial, not all-or-nothing
+    # Liger and no input cast free memory: without Liger the same card recomputes more
+    plain = on(26, liger=False)
+    assert (32 // plain.checkpointing if plain.checkpointing else 0) >= recompute[3]
+    # recipe values win over auto
+    fixed = P.auto_tuning(make(data, train__micro_batch=3, train__gradient_checkpointing=True,
+                               train__packing=False, train__liger=False),
+                          SimpleNamespace(kind="cuda", mem_bytes=int(79 * P.GiB)),
+                          packable=True, varlen=True, liger=True)
+    assert (fixed.micro_batch, fixed.checkpointing, fixed.packing, fixed.liger) == (
+        3, 1, False, False)
     assert 16 < P.dry_run_memory(r, 1, True) < 80
+
+
+def test_backoff_recomputes_more_layers_then_halves_the_batch():
+    from skytune.train.fast import Tuning
+
+    t = Tuning(micro_batch=4, packing=True, checkpointing=0, attention="sdpa", liger=False,
+               lora_cast=True, padding_free=False)
+    seen = []
+    while t is not None:
+        seen.append((t.micro_batch, t.checkpointing))
+        t = t.backoff()
+    assert seen == [(4, 0), (4, 4), (4, 2), (4, 1), (2, 1), (1, 1)]
+
+
+def test_partial_checkpointing_memory_and_flops_sit_between_off_and_on(data):
+    r = make(data)
+    arch = arch_for(r.model)
+    mem = [P.estimate_memory(arch, r.adapter, r.train, 4, 2048, c).total for c in (0, 4, 2, 1)]
+    assert mem == sorted(mem, reverse=True)
+    fl = [P.flops_per_token(arch, "lora", "sft", 2048, c) for c in (0, 4, 2, 1)]
+    assert fl == sorted(fl) and fl[3] == pytest.approx(fl[0] * 1.5, rel=0.02)
+    assert P.checkpointed_layers(arch, 4) == 8 and P.checkpointed_layers(arch, True) == 32

@@ -9,6 +9,7 @@ Modules are imported on use so that importing skytune.train stays cheap.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from skytune.recipe import Recipe
@@ -17,6 +18,10 @@ METHODS = {"sft": "skytune.train.sft", "dpo": "skytune.train.dpo", "grpo": "skyt
 
 
 def run(recipe: Recipe, resume: str = "auto", dry_run: bool = False) -> dict[str, Any]:
+    # Packed rows change length every step; expandable segments stop the caching allocator
+    # from fragmenting (peak reserved fell from 75.7 to ~allocated + 1 GiB on the H200
+    # bench). Read when CUDA first allocates, so it is set before any model loads.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if recipe.stages:
         from skytune.train.pipeline import run_pipeline
 

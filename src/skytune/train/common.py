@@ -33,10 +33,19 @@ class Device:
 
 
 def detect_device() -> Device:
+    """The device this process trains on. SKYTUNE_GPU_MEMORY_GIB caps the GPU memory skytune
+    plans for and may use (sharing a GPU, or planning an 80 GB card's run on a larger one)."""
     import torch
 
     if torch.cuda.is_available():
-        free, _total = torch.cuda.mem_get_info()
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(index)
+        free, total = torch.cuda.mem_get_info()
+        cap = os.environ.get("SKYTUNE_GPU_MEMORY_GIB")
+        if cap:
+            limit = float(cap) * 2**30
+            torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), index)
+            free = min(free, int(limit))
         return Device("cuda", torch.cuda.get_device_name(), torch.cuda.is_bf16_supported(),
                       int(free), torch.cuda.device_count())
     return Device("cpu", "cpu", False, 0, 0)
@@ -56,6 +65,10 @@ def resolve_model(name: str) -> str:
         from skytune.tiny import resolve
 
         return resolve(name)
+    if name.startswith("random:"):
+        from skytune.tiny import resolve_random
+
+        return resolve_random(name)
     p = Path(name).expanduser()
     return str(p.resolve()) if p.exists() else name
 
@@ -103,12 +116,27 @@ def quantization_config(recipe: Recipe, dev: Device):
     )
 
 
-def attention_impl(recipe: Recipe, dev: Device) -> str:
-    # SDPA picks FlashAttention-2 / memory-efficient kernels inside torch, no compile needed.
-    return "sdpa" if recipe.train.attention == "auto" else recipe.train.attention
+def tuning(recipe: Recipe, dev: Device, model_path: str, packable: bool = False,
+           vision: bool = False):
+    """How this run trains (micro-batch, packing, checkpointing, kernels): train/fast.py."""
+    from skytune.plan import auto_tuning
+    from skytune.train import fast
+
+    # The varlen kernel and Liger serve text SFT and DPO, where they were measured; GRPO
+    # (generation with padded prompts) and vision models keep SDPA and stock layers.
+    measured = recipe.method in ("sft", "dpo") and not vision
+    varlen = dev.kind == "cuda" and fast.varlen_kernel() is not None and measured
+    t = auto_tuning(recipe, dev, packable=packable, varlen=varlen,
+                    liger=measured and fast.liger_available(dev, model_path))
+    if t.attention == fast.VARLEN:
+        fast.register_attention()
+    log.info("tuning: %s", ", ".join(f"{k}={v}" for k, v in t.to_dict().items()
+                                     if v not in (None, "")))
+    return t
 
 
-def load_model(recipe: Recipe, model_path: str, dev: Device, cls: Any = None):
+def load_model(recipe: Recipe, model_path: str, dev: Device, cls: Any = None,
+               attention: str = "sdpa", checkpointing: bool = False):
     """The base model in full precision (or quantized for qlora), on one device.
 
     Never device_map="auto" with CPU offload: offloaded (meta) weights break gradient
@@ -119,15 +147,33 @@ def load_model(recipe: Recipe, model_path: str, dev: Device, cls: Any = None):
     quant = quantization_config(recipe, dev)
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype(dtype_name(recipe, dev)),
-        "attn_implementation": attention_impl(recipe, dev),
+        "attn_implementation": attention,
     }
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    if Path(model_path, "skytune-random.json").is_file():  # random:<arch>, for benchmarks
+        return _random_init(model_path, cls, dev, kwargs)
     model = _hub_call(model_path, lambda: cls.from_pretrained(model_path, **kwargs))
     if quant is not None:
-        model = prepare_quantized(model, gradient_checkpointing(recipe, dev))
+        model = prepare_quantized(model, checkpointing)
     return model
+
+
+def _random_init(model_path: str, cls: Any, dev: Device, kwargs: dict[str, Any]):
+    """A random-init model from config.json, initialised directly on the GPU (an 8B model in
+    seconds, nothing written to disk)."""
+    import torch
+    from transformers import AutoConfig
+
+    if "quantization_config" in kwargs:
+        raise SkytuneError("random:* models are for benchmarks of lora/full; use adapter.type "
+                           "lora")
+    config = AutoConfig.from_pretrained(model_path)
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if dev.kind == "cuda" else "cpu"
+    with torch.device(device):
+        return cls.from_config(config, dtype=kwargs["dtype"],
+                               attn_implementation=kwargs["attn_implementation"])
 
 
 def prepare_quantized(model, checkpointing: bool):
@@ -152,32 +198,14 @@ def lora_config(adapter) -> Any:
     )
 
 
-def micro_batch(recipe: Recipe, dev: Device) -> int:
-    mb = recipe.train.micro_batch
-    if mb != "auto":
-        return mb
-    try:
-        from skytune.plan import auto_micro_batch
-
-        return auto_micro_batch(recipe, dev)
-    except ImportError:
-        return 4 if dev.kind == "cuda" else 2
-
-
-def gradient_checkpointing(recipe: Recipe, dev: Device) -> bool:
-    gc = recipe.train.gradient_checkpointing
-    return (dev.kind == "cuda") if gc == "auto" else gc
-
-
-def training_kwargs(recipe: Recipe, dev: Device, output_dir: Path) -> dict[str, Any]:
-    """TrainingArguments fields every method shares, from the recipe's train section."""
+def training_kwargs(recipe: Recipe, dev: Device, output_dir: Path, tuned) -> dict[str, Any]:
+    """TrainingArguments fields every method shares: the recipe's train section, with
+    micro-batch, checkpointing and kernels from `tuned` (a fast.Tuning)."""
     t = recipe.train
     dt = dtype_name(recipe, dev)
-    gc = gradient_checkpointing(recipe, dev)
     return dict(
         output_dir=str(output_dir),
-        per_device_train_batch_size=micro_batch(recipe, dev),
-        per_device_eval_batch_size=micro_batch(recipe, dev),
+        **tuned.trainer_kwargs(),
         gradient_accumulation_steps=t.grad_accum,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -192,11 +220,6 @@ def training_kwargs(recipe: Recipe, dev: Device, output_dir: Path) -> dict[str, 
         bf16=dt == "bf16",
         fp16=dt == "fp16",
         use_cpu=dev.kind == "cpu",
-        activation_checkpointing=gc,  # "gradient_checkpointing" before transformers 5
-        # Non-reentrant checkpointing keeps the autograd graph connected through frozen
-        # (and quantized) layers: the reentrant variant is what raised "element 0 of
-        # tensors does not require grad" with 8-bit + LoRA in the seeds.
-        activation_checkpointing_kwargs={"use_reentrant": False} if gc else None,
         save_strategy="steps",
         save_steps=t.save_every,
         save_total_limit=None,  # the store keeps keep_last; local dirs are pruned after upload
@@ -206,9 +229,13 @@ def training_kwargs(recipe: Recipe, dev: Device, output_dir: Path) -> dict[str, 
         eval_steps=t.eval_every,
         report_to=_report_to(),
         run_name=recipe.name,
-        use_liger_kernel=t.liger,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        # Every LoRA weight of a text model takes part in every step: DDP can skip its
+        # per-step search for unused parameters (transformers turns it on when
+        # checkpointing is off).
+        ddp_find_unused_parameters=False if recipe.adapter.type != "full"
+        and recipe.method in ("sft", "dpo") else None,
     )
 
 
@@ -343,7 +370,8 @@ def count_tokens(rows: list[dict], tokenizer, max_length: int) -> int:
     return total
 
 
-def describe(recipe: Recipe, dev: Device, data, model_path: str, args) -> dict[str, Any]:
+def describe(recipe: Recipe, dev: Device, data, model_path: str, args,
+             tuned=None) -> dict[str, Any]:
     """What a run would do, without running a step (skytune train --dry-run)."""
     import math
 
@@ -365,11 +393,12 @@ def describe(recipe: Recipe, dev: Device, data, model_path: str, args) -> dict[s
         "parameters": total, "trainable_parameters": trainable,
         "store": recipe.store_url(),
     }
-    try:
-        from skytune.plan import dry_run_memory
+    from skytune.plan import dry_run_memory
 
-        out["memory_estimate_gb"] = dry_run_memory(recipe, args.per_device_train_batch_size,
-                                                   args.activation_checkpointing)
-    except ImportError:
-        pass
+    ckpt = tuned.checkpointing if tuned else int(args.activation_checkpointing)
+    out["memory_estimate_gb"] = dry_run_memory(
+        recipe, args.per_device_train_batch_size, ckpt, liger=bool(tuned and tuned.liger),
+        lora_cast=tuned.lora_cast if tuned else True)
+    if tuned is not None:
+        out["tuning"] = tuned.to_dict()
     return out

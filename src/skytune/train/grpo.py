@@ -38,7 +38,7 @@ def generation_batch(recipe: Recipe, dev: common.Device) -> int:
     return mb
 
 
-def grpo_config(recipe: Recipe, dev: common.Device, session: Session):
+def grpo_config(recipe: Recipe, dev: common.Device, session: Session, tuned):
     from trl import GRPOConfig
 
     g = recipe.grpo
@@ -46,7 +46,7 @@ def grpo_config(recipe: Recipe, dev: common.Device, session: Session):
         raise SkytuneError(f"grpo.reward_weights: {len(g.reward_weights)} weights for "
                            f"{len(recipe.rewards)} rewards; give one weight per reward")
     mb = generation_batch(recipe, dev)
-    kwargs = common.training_kwargs(recipe, dev, session.output_dir)
+    kwargs = common.training_kwargs(recipe, dev, session.output_dir, tuned)
     kwargs.update(per_device_train_batch_size=mb, per_device_eval_batch_size=g.num_generations)
     return GRPOConfig(
         **kwargs,
@@ -70,9 +70,10 @@ def train(recipe: Recipe, resume: str = "auto", dry_run: bool = False) -> dict[s
     tokenizer = common.load_tokenizer(model_path)
     tokenizer.padding_side = "left"  # generation appends on the right
     session = Session(recipe, resume=resume)
-    args = grpo_config(recipe, dev, session)
+    tuned = common.tuning(recipe, dev, model_path)
+    args = grpo_config(recipe, dev, session, tuned)
     if dry_run:
-        out = common.describe(recipe, dev, data, model_path, args)
+        out = common.describe(recipe, dev, data, model_path, args, tuned)
         if args.max_steps <= 0:  # each prompt fills num_generations rows of a batch
             out["steps"] *= args.num_generations
         return {**out, "rewards": recipe.rewards, "num_generations": args.num_generations,
@@ -80,7 +81,7 @@ def train(recipe: Recipe, resume: str = "auto", dry_run: bool = False) -> dict[s
     if done := session.start():
         return done
     start = pipeline.fetch_start(recipe, session.work / "init")
-    model, peft_config, _ = pipeline.load_start(recipe, start, dev)
+    model, peft_config, _ = pipeline.load_start(recipe, start, dev, tuned=tuned)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=rewards,
@@ -91,4 +92,4 @@ def train(recipe: Recipe, resume: str = "auto", dry_run: bool = False) -> dict[s
         peft_config=peft_config,
         callbacks=session.callbacks(zero_grad_ok=True),  # equal rewards in a group: no signal
     )
-    return session.train(trainer)
+    return session.train(trainer, tuning=tuned)

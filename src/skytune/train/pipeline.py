@@ -158,7 +158,8 @@ def _adapter_start(recipe: Recipe, adapter_dir: Path) -> Start:
     return Start(resolve_model(base or recipe.model), adapter_dir, recipe.init_from)
 
 
-def load_start(recipe: Recipe, start: Start, dev, cls: Any = None, reference: bool = False):
+def load_start(recipe: Recipe, start: Start, dev, cls: Any = None, reference: bool = False,
+               tuned: Any = None):
     """(model, peft_config, ref_model) for the trainer.
 
     No adapter to start from: the base (quantized for qlora) and a fresh LoRA config.
@@ -167,7 +168,9 @@ def load_start(recipe: Recipe, start: Start, dev, cls: Any = None, reference: bo
     a frozen copy of that merged model is the reference, as there is no adapter to switch off."""
     from skytune.train import common
 
-    model = common.load_model(recipe, start.model_path, dev, cls)
+    model = common.load_model(recipe, start.model_path, dev, cls,
+                              attention=tuned.attention if tuned else "sdpa",
+                              checkpointing=bool(tuned and tuned.checkpointing))
     if start.adapter_dir is None:
         return model, common.lora_config(recipe.adapter), None
     from peft import PeftModel

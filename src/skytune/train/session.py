@@ -133,16 +133,34 @@ class Session:
         """zero_grad_ok: GRPO, where a group whose completions all score alike gives exactly 0."""
         return [common.gradient_guard(zero_grad_ok), _StoreCallback(self)]
 
-    def train(self, trainer) -> dict[str, Any]:
-        try:
-            trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from
-                          else None)
-        except RuntimeError as e:
-            self._fail(e)
-            raise common.explain(e) from None
-        except BaseException as e:
-            self._fail(e)
-            raise
+    def train(self, trainer, tuning=None, on_oom=None) -> dict[str, Any]:
+        """Train (resuming if a checkpoint was found), upload the result, finish the run.
+
+        `tuning` (fast.Tuning) is recorded in the manifest. `on_oom(trainer, error)` may
+        return a smaller trainer after an out-of-memory before the first checkpoint: the
+        trainable weights go back to where they started and training begins again, once."""
+        snapshot = _trainable_snapshot(trainer.model) if on_oom else None
+        for attempt in (0, 1):
+            if self.main and tuning is not None:
+                self.writer.note(tuning=tuning.to_dict())
+            try:
+                trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from
+                              else None)
+                break
+            except RuntimeError as e:
+                smaller = None
+                if (attempt == 0 and on_oom and snapshot is not None and _is_oom(e)
+                        and trainer.state.global_step < self.recipe.train.save_every):
+                    log.warning("out of memory at step %d (%s); backing off once",
+                                trainer.state.global_step, tuning and tuning.to_dict())
+                    smaller = _restart_smaller(trainer, snapshot, on_oom, e)
+                if smaller is None:
+                    self._fail(e)
+                    raise common.explain(e) from None
+                trainer, tuning = smaller
+            except BaseException as e:
+                self._fail(e)
+                raise
         step = trainer.state.global_step
         if not self.main:
             return self.result(step, status="completed")
@@ -191,6 +209,42 @@ class Session:
     def result(self, step: Any, **fields: Any) -> dict[str, Any]:
         return {"run_id": self.run_id, "run_url": self.writer.url, "step": step,
                 "resumed_from_step": self.resumed_step or None, **fields}
+
+
+def _is_oom(e: BaseException) -> bool:
+    return "out of memory" in str(e).lower()
+
+
+def _trainable_snapshot(model) -> dict[str, Any] | None:
+    """A CPU copy of the trainable weights (an adapter: MBs), to restart from after an OOM;
+    None for a full fine-tune, whose copy would be the whole model."""
+    if getattr(model, "peft_config", None) is None:
+        return None
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def _restart_smaller(trainer, snapshot: dict[str, Any], on_oom, error):
+    """Free the failed trainer's memory, restore the weights, build the smaller trainer."""
+    import gc
+
+    import torch
+
+    with torch.no_grad():
+        for n, p in trainer.model.named_parameters():
+            if n in snapshot:
+                p.copy_(snapshot[n].to(p.device))
+            p.grad = None
+    trainer.optimizer = trainer.lr_scheduler = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    smaller = on_oom(trainer, error)
+    if smaller is None:
+        return None
+    new_trainer, tuning = smaller
+    log.warning("retrying with %s", tuning.to_dict())
+    return new_trainer, tuning
 
 
 class _StoreCallback(TrainerCallback):

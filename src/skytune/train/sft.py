@@ -14,27 +14,44 @@ from typing import Any
 
 from skytune.data import prepare
 from skytune.recipe import Recipe
-from skytune.train import common, pipeline
+from skytune.train import common, fast, pipeline
 from skytune.train.session import Session
 
 
-def sft_config(recipe: Recipe, dev: common.Device, session: Session, fmt: str):
+def sft_config(recipe: Recipe, dev: common.Device, session: Session, fmt: str, tuned):
     from trl import SFTConfig
 
     return SFTConfig(
-        **common.training_kwargs(recipe, dev, session.output_dir),
+        **common.training_kwargs(recipe, dev, session.output_dir, tuned),
         max_length=recipe.train.max_length,
-        packing=recipe.train.packing is True,
+        # Best-fit packing into max_length bins; padding-free: a micro-batch of bins runs as
+        # one row whose samples attend only to themselves (fast.VARLEN).
+        packing=tuned.packing,
         completion_only_loss=None,  # TRL: on for prompt/completion rows
         assistant_only_loss=fmt == "messages",
         dataset_num_proc=None,
     )
 
 
-def train(recipe: Recipe, resume: str = "auto", dry_run: bool = False) -> dict[str, Any]:
+def build_trainer(recipe: Recipe, dev: common.Device, session: Session, tuned, model,
+                  peft_config, tokenizer, data):
     from datasets import Dataset
     from trl import SFTTrainer
 
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(recipe, dev, session, data.format, tuned),
+        train_dataset=Dataset.from_list(data.train),
+        eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=session.callbacks(),
+    )
+    fast.apply(trainer.model, tuned, autocast=trainer.args.bf16 or trainer.args.fp16)
+    return trainer
+
+
+def train(recipe: Recipe, resume: str = "auto", dry_run: bool = False) -> dict[str, Any]:
     dev = common.detect_device()
     data = prepare(recipe.data, "sft", recipe.path, seed=recipe.train.seed)
     if data.format == "vision":  # image + question -> answer: a vision-language model
@@ -44,20 +61,21 @@ def train(recipe: Recipe, resume: str = "auto", dry_run: bool = False) -> dict[s
     model_path = common.resolve_model(recipe.model)
     tokenizer = common.load_tokenizer(model_path)
     session = Session(recipe, resume=resume)
-    args = sft_config(recipe, dev, session, data.format)
+    tuned = common.tuning(recipe, dev, model_path, packable=True)
     if dry_run:
-        return common.describe(recipe, dev, data, model_path, args)
+        return common.describe(recipe, dev, data, model_path,
+                               sft_config(recipe, dev, session, data.format, tuned), tuned)
     if done := session.start():
         return done
     start = pipeline.fetch_start(recipe, session.work / "init")  # base, or init_from's run
-    model, peft_config, _ = pipeline.load_start(recipe, start, dev)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(data.train),
-        eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=session.callbacks(),
-    )
-    return session.train(trainer)
+    model, peft_config, _ = pipeline.load_start(recipe, start, dev, tuned=tuned)
+    trainer = build_trainer(recipe, dev, session, tuned, model, peft_config, tokenizer, data)
+
+    def smaller(failed, error):  # out of memory in the first steps: one step down, same model
+        down = tuned.backoff()
+        if down is None:
+            return None
+        return build_trainer(recipe, dev, session, down, failed.model, None, tokenizer,
+                             data), down
+
+    return session.train(trainer, tuning=tuned, on_oom=smaller)

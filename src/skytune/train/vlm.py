@@ -30,11 +30,11 @@ def load_processor(model_path: str):
     return processor
 
 
-def vlm_config(recipe: Recipe, dev: common.Device, session: Session):
+def vlm_config(recipe: Recipe, dev: common.Device, session: Session, tuned):
     from trl import SFTConfig
 
     return SFTConfig(
-        **common.training_kwargs(recipe, dev, session.output_dir),
+        **common.training_kwargs(recipe, dev, session.output_dir, tuned),
         max_length=recipe.train.max_length,  # keep_start: a long answer is cut, never the image
         packing=False,  # TRL cannot pack image rows
         completion_only_loss=True,
@@ -60,14 +60,16 @@ def train(recipe: Recipe, data: Prepared, resume: str = "auto",
     model_path = common.resolve_model(recipe.model)
     processor = load_processor(model_path)
     session = Session(recipe, resume=resume)
-    args = vlm_config(recipe, dev, session)
+    tuned = common.tuning(recipe, dev, model_path, vision=True)
+    args = vlm_config(recipe, dev, session, tuned)
     if dry_run:
-        return {**common.describe(recipe, dev, data, model_path, args),
+        return {**common.describe(recipe, dev, data, model_path, args, tuned),
                 "processor": type(processor).__name__, "init_from": recipe.init_from}
     if done := session.start():
         return done
     start = pipeline.fetch_start(recipe, session.work / "init")
-    model, peft_config, _ = pipeline.load_start(recipe, start, dev, cls=AutoModelForImageTextToText)
+    model, peft_config, _ = pipeline.load_start(recipe, start, dev, cls=AutoModelForImageTextToText,
+                                                tuned=tuned)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -77,4 +79,4 @@ def train(recipe: Recipe, data: Prepared, resume: str = "auto",
         peft_config=peft_config,
         callbacks=session.callbacks(),
     )
-    return session.train(trainer)
+    return session.train(trainer, tuning=tuned)
