@@ -2,13 +2,14 @@
 #   make demo    venv + install + the demo job end to end on this machine (tiny model, CPU ok)
 #   make test    dev extras + unit and integration tests (what CI runs)
 #   make lint    ruff
+#   make bench   on a GPU machine: tokens/s of plain TRL vs skytune's auto config (bench/)
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 PIP     := $(BIN)/pip install -q -c constraints.txt
 STAMP   := $(VENV)/.stamp
 
-.PHONY: demo test lint install install-dev clean
+.PHONY: demo test lint bench install install-dev clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,6 +40,12 @@ test: install-dev
 
 lint: install-dev
 	$(BIN)/ruff check src tests
+
+# Needs a CUDA GPU and the training stack (the image, or `pip install -e '.[train]'` plus a
+# CUDA torch). ROWS picks rows (bench/throughput.py --help); results go to bench/results.
+ROWS ?= trl-sft,skytune-sft,trl-dpo,skytune-dpo,trl-sft-flex
+bench:
+	python3 bench/throughput.py --rows $(ROWS)
 
 # Images (images/README.md). `make test` checks the locks offline; these need PyPI.
 #   make lock         re-lock images/*/requirements.in -> requirements.lock (uv, ~20 s)

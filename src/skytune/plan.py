@@ -74,7 +74,10 @@ DEFAULT_COUNTS = (1, 2, 4, 8)
 # torch 2.11, transformers 5.17, peft 0.21, SDPA, bf16 autocast): 8B LoRA r=16 with
 # checkpointing 0.316, 1B full fine-tune 0.342. QLoRA is not measured (no bitsandbytes
 # there): it pays for dequantizing every weight in every forward and backward.
-MFU = {"full": 0.34, "lora": 0.32, "qlora": 0.22}
+# LoRA as skytune trains it (packed varlen rows, Liger, no input cast; bench/throughput.py
+# on an H200, bench/results/throughput-*): 0.44-0.45 of 989 TFLOP/s. Kept a little lower:
+# models other than Llama lose some of it (no Liger kernels, other shapes).
+MFU = {"full": 0.34, "lora": 0.40, "qlora": 0.22}
 BATCH_SATURATION_TOKENS = 256  # tokens per micro-batch at which matmuls run at half speed
 MULTI_GPU_SCALING = {"single": 1.0, "ddp": 0.92, "fsdp": 0.85}
 GEN_BW_EFFICIENCY = 0.3  # HF generate() reaches ~30% of memory bandwidth per decode step

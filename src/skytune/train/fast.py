@@ -109,7 +109,14 @@ def packed_attention(q, k, v, cu, max_len: int, scaling: float | None):
         if "enable_gqa" not in kw and k.shape[1] != q.shape[1]:
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return fn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **kw)
+        dtype = q.dtype
+        if dtype not in (torch.float16, torch.bfloat16):
+            # QLoRA keeps norms in fp32 (PEFT's k-bit preparation), so q/k/v can arrive in
+            # fp32; FlashAttention is half precision only: what SDPA does under autocast.
+            half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") \
+                else torch.bfloat16
+            q, k, v = q.to(half), k.to(half), v.to(half)
+        return fn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **kw).to(dtype)
     # The reference semantics, one SDPA per sample (CPU, or torch without the varlen kernel).
     import torch.nn.functional as F
 
