@@ -114,13 +114,22 @@ def resolve(name: str) -> str:
     target = cache_dir() / f"{spec.name}-{digest}"
     if (target / "config.json").is_file():
         return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         tokenizer = build_tokenizer(texts)
         (build_processor(tokenizer) if spec.family == "vlm" else tokenizer).save_pretrained(tmp)
         build_model(name).save_pretrained(tmp)
         (tmp / "skytune-tiny.json").write_text(json.dumps({"name": name, "spec": spec.name}))
+
+    return _build_atomically(target, fill)
+
+
+def _build_atomically(target: Path, fill) -> str:
+    """fill(tmp) in a temp dir beside target, then rename: racing processes are safe."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        fill(tmp)
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race; its copy is identical
@@ -151,19 +160,13 @@ def resolve_random(name: str) -> str:
         max_position_embeddings=131072, rope_theta=500000.0, bos_token_id=None,
         eos_token_id=2, pad_token_id=0,
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".random-", dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         build_tokenizer(_corpus_texts()).save_pretrained(tmp)
         config.save_pretrained(tmp)
         (tmp / "skytune-random.json").write_text(json.dumps({"name": name}))
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process won the race; its copy is identical
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+
+    return _build_atomically(target, fill)
 
 
 def build_tokenizer(texts: list[str]):
