@@ -90,6 +90,11 @@ class Store(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook; most stores hold nothing
         """Wait for and release background resources."""
 
+    def open_args(self) -> dict[str, Any]:
+        """What `open_store(**args)` needs to open this store again in another process (the
+        checkpoint upload worker). No secrets: credentials come from the environment."""
+        return {"url": self.url}
+
 
 class FileStore(Store):
     """A directory on a local or network file system. Writes go to a temp name, then rename."""

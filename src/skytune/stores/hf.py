@@ -149,6 +149,9 @@ class HFStore(Store):
             self._commit([CommitOperationDelete(path_in_repo=self.path_in_repo(e.key))
                           for e in entries], f"skytune: delete {prefix}")
 
+    def open_args(self) -> dict:
+        return {"url": self.url, "private": self.private}
+
     def check(self) -> None:
         try:
             self.api.whoami()

@@ -172,6 +172,9 @@ class S3Store(Store):
                         f"{self.url}: could not delete {len(resp['Errors'])} object(s), e.g. "
                         f"{err.get('Key')}: {err.get('Code')} {err.get('Message', '')}".rstrip())
 
+    def open_args(self) -> dict:
+        return {"url": self.url, "endpoint_url": self.endpoint_url}
+
     def check(self) -> None:
         """Bucket reachable, present and writable — within a few seconds, or a SkytuneError."""
         quick = self._client(**_QUICK)
