@@ -97,18 +97,14 @@ def locate_adapter(spec: str, work: Path) -> tuple[Path, Any, str | None]:
     if "://" not in spec and not p.exists():
         raise SkytuneError(f"{spec}: no such adapter directory or run; pass a run URL "
                            "(s3://bucket/skytune/RUN_ID) or a dir with adapter_config.json")
-    from skytune.progress import bytes_bar
-    from skytune.store import download_artifact, read_complete
-    from skytune.sync import split_run_url
+    from skytune.sync import fetch_run_artifact, split_run_url
 
     store, rid = split_run_url(spec)
-    if read_complete(store, f"{rid}/adapter") is None:
+    got = fetch_run_artifact(store, rid, ["adapter"], work)
+    if got is None:
         raise SkytuneError(f"{store.url}/{rid}/adapter: no complete adapter in this run (a full "
                            "fine-tune has merged/ already; `skytune runs` lists artifacts)")
-    dst = work / "adapter"
-    with bytes_bar(f"download {rid}/adapter") as bar:
-        download_artifact(store, f"{rid}/adapter", dst, progress=bar.update, on_total=bar.total)
-    return dst, store, rid
+    return got[1], store, rid
 
 
 def read_adapter_meta(adapter_dir: Path) -> tuple[dict, dict]:

@@ -22,7 +22,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -192,6 +192,22 @@ def fetch_latest_checkpoint(store: Store, run: str, work_dir: Path) -> tuple[Pat
             log.warning("skipping checkpoint step %d: %s", step, e)
             continue
         return dst, step
+    return None
+
+
+def fetch_run_artifact(store: Store, run: str, names: Iterable[str], dst: Path
+                       ) -> tuple[str, Path] | None:
+    """Download the first of `names` (e.g. "adapter", "merged") that is complete in the run
+    to dst/<name>, sha256-verified, with a progress bar; (name, path), or None if none is."""
+    from skytune.progress import bytes_bar
+
+    for name in names:
+        if read_complete(store, f"{run}/{name}") is not None:
+            log.info("fetching %s/%s/%s", store.url, run, name)
+            with bytes_bar(f"download {run}/{name}") as bar:
+                download_artifact(store, f"{run}/{name}", dst / name, progress=bar.update,
+                                  on_total=bar.total)
+            return name, dst / name
     return None
 
 

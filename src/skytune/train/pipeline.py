@@ -123,20 +123,17 @@ def fetch_start(recipe: Recipe, work_dir: Path) -> Start:
             return _adapter_start(recipe, local)
         if (local / "config.json").is_file():
             return Start(str(local), None, recipe.init_from)
-    from skytune.store import download_artifact, read_complete
-    from skytune.sync import split_run_url
+    from skytune.sync import fetch_run_artifact, split_run_url
 
     store, rid = split_run_url(src)
-    for name in ("adapter", "merged"):
-        if read_complete(store, f"{rid}/{name}") is not None:
-            dst = work_dir / name
-            log.info("init_from %s: fetching %s/%s", recipe.init_from, rid, name)
-            download_artifact(store, f"{rid}/{name}", dst)
-            if name == "adapter":
-                return _adapter_start(recipe, dst)
-            return Start(str(dst), None, recipe.init_from)
-    raise SkytuneError(f"init_from {recipe.init_from}: no complete adapter/ or merged/ in "
-                       f"{store.url}/{rid}; did that run finish? (`skytune runs {store.url}`)")
+    got = fetch_run_artifact(store, rid, ["adapter", "merged"], work_dir)
+    if got is None:
+        raise SkytuneError(f"init_from {recipe.init_from}: no complete adapter/ or merged/ in "
+                           f"{store.url}/{rid}; did that run finish? (`skytune runs {store.url}`)")
+    name, dst = got
+    if name == "adapter":
+        return _adapter_start(recipe, dst)
+    return Start(str(dst), None, recipe.init_from)
 
 
 def _location(recipe: Recipe) -> str:
