@@ -8,15 +8,23 @@ Runs a real `skytune train` (in this process, S3 store; a local moto_server unle
 given) and times every step from one `on_step_begin` to the next, so a checkpoint step's
 interval includes everything the trainer does after it: the trainer's own synchronous save
 to local disk (transformers' code, the same with or without skytune) and skytune's on_save
-hook (stamp the checkpoint, queue the upload). The upload itself (sha256 + transfer) runs in
-a background thread; steps that overlap it are compared with steps that do not.
+hook (queue the upload). The upload itself (stamping, sha256, transfer, COMPLETE, pruning)
+runs in skytune's upload worker process; steps that overlap it are compared with steps that
+do not. Times are time.monotonic(), which the worker's reported upload windows use too.
 
-Reported, in % of the median plain step:
+Reported, in % of the median plain step (no checkpoint, no upload running). Steps that log
+(every 5th) are compared with plain steps that log: a checkpoint step usually is one, and
+logging costs the trainer a sync and a print, with or without skytune.
   skytune_added_pct       (checkpoint-step interval - trainer's own save) vs a plain step
   hook_pct                skytune's on_save hook alone
-  upload_interference_pct plain steps while an upload runs vs plain steps without one
+  upload_interference_pct steps that do not log, while an upload runs vs without one
   checkpoint_step_pct     the whole checkpoint step, trainer's own save included
 Results go to bench/results/stall-<host>-<date>.json.
+
+On a CPU the trainer's torch threads use every core, so any work beside it (the upload, the
+local S3 server) takes time from it, whoever does that work; `--threads 1` leaves a core
+free, as on a GPU machine, where the training loop is one Python thread and the GIL, not
+cores, is what an upload in the training process takes from it.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,16 +44,31 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+LOG_EVERY = 5
+
+
+def _git_version() -> str | None:
+    """The commit measured, '+' when the tree had changes."""
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty=+"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev or None
 
 
 class Timeline:
-    """Wall-clock marks from the training loop and the upload thread."""
+    """Monotonic-clock marks from the training loop and the upload worker."""
 
     def __init__(self):
         self.step_begin: dict[int, float] = {}
         self.saves: dict[int, float] = {}  # step -> trainer's _save_checkpoint seconds
         self.hooks: dict[int, float] = {}  # step -> skytune on_save seconds
-        self.uploads: list[tuple[float, float]] = []
+        self.uploaders: list = []  # their .uploads: (step, start, end) per checkpoint
+
+    @property
+    def uploads(self) -> list[tuple[float, float]]:
+        return [(a, b) for u in self.uploaders for _, a, b in u.uploads]
 
 
 def instrument(tl: Timeline) -> None:
@@ -56,7 +80,7 @@ def instrument(tl: Timeline) -> None:
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            tl.step_begin[state.global_step + 1] = time.perf_counter()
+            tl.step_begin[state.global_step + 1] = time.monotonic()
 
     orig_callbacks = sess.Session.callbacks
 
@@ -87,19 +111,16 @@ def instrument(tl: Timeline) -> None:
 
     sess._StoreCallback.on_save = on_save
 
-    orig_upload = CheckpointUploader._upload
+    orig_init = CheckpointUploader.__init__
 
-    def _upload(self, *a, **kw):
-        t0 = time.perf_counter()
-        try:
-            return orig_upload(self, *a, **kw)
-        finally:
-            tl.uploads.append((t0, time.perf_counter()))
+    def __init__(self, *a, **kw):
+        orig_init(self, *a, **kw)
+        tl.uploaders.append(self)
 
-    CheckpointUploader._upload = _upload
+    CheckpointUploader.__init__ = __init__
 
 
-def analyze(tl: Timeline, save_every: int, skip: int) -> dict:
+def analyze(tl: Timeline, save_every: int, log_every: int, skip: int) -> dict:
     steps = sorted(tl.step_begin)
     begin = tl.step_begin
     interval = {s: begin[n] - begin[s] for s, n in zip(steps, steps[1:], strict=False)}
@@ -110,25 +131,43 @@ def analyze(tl: Timeline, save_every: int, skip: int) -> dict:
         a, b = tl.step_begin[s], tl.step_begin[s] + interval[s]
         return any(u0 < b and u1 > a for u0, u1 in tl.uploads)
 
-    plain = [v for s, v in interval.items() if s not in ckpt and not busy(s)]
-    during = [v for s, v in interval.items() if s not in ckpt and busy(s)]
-    base = statistics.median(plain)
-    added = [v - tl.saves.get(s, 0.0) for s, v in ckpt.items()]
+    plain = {s: v for s, v in interval.items() if s not in ckpt and not busy(s)}
+    during = {s: v for s, v in interval.items() if s not in ckpt and busy(s)}
 
-    def pct(x: float) -> float:
-        return round(100 * (x / base - 1), 2)
+    # A step that logs costs more (the trainer syncs for the loss and prints it), and a
+    # checkpoint step usually is one (save_every is a multiple of log_every): compare steps
+    # that log with steps that log, and the rest with the rest.
+    def logs(s: int) -> bool:
+        return s % log_every == 0
 
+    def median(d: dict[int, float], log: bool) -> float | None:
+        vals = [v for s, v in d.items() if logs(s) == log]
+        return statistics.median(vals) if vals else None
+
+    base = median(plain, False)
+    base_log = median(plain, True) or base
+
+    def pct_of(s: int, x: float) -> float:
+        return 100 * (x / (base_log if logs(s) else base) - 1)
+
+    def med_pct(xs) -> float:
+        return round(statistics.median(xs), 2)
+
+    hook = statistics.median(tl.hooks[s] for s in ckpt)
+    quiet_during = median(during, False)
     return {
-        "plain_step_s": round(base, 4),
+        "plain_step_s": round(base, 4), "plain_log_step_s": round(base_log, 4),
         "plain_steps": len(plain), "steps_during_upload": len(during),
         "checkpoint_steps": len(ckpt),
         "trainer_save_s_median": round(statistics.median(tl.saves[s] for s in ckpt), 4),
-        "hook_s_median": round(statistics.median(tl.hooks[s] for s in ckpt), 4),
+        "hook_s_median": round(hook, 4),
         "upload_s_median": round(statistics.median(b - a for a, b in tl.uploads), 3),
-        "skytune_added_pct": pct(statistics.median(added)),
-        "hook_pct": round(100 * statistics.median(tl.hooks[s] for s in ckpt) / base, 2),
-        "upload_interference_pct": pct(statistics.median(during)) if during else None,
-        "checkpoint_step_pct": pct(statistics.median(ckpt.values())),
+        "skytune_added_pct": med_pct(pct_of(s, v - tl.saves.get(s, 0.0))
+                                     for s, v in ckpt.items()),
+        "hook_pct": round(100 * hook / base, 2),
+        "upload_interference_pct": round(100 * (quiet_during / base - 1), 2)
+        if quiet_during else None,
+        "checkpoint_step_pct": med_pct(pct_of(s, v) for s, v in ckpt.items()),
     }
 
 
@@ -140,7 +179,10 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--store", help="s3://bucket/prefix (default: a local moto_server)")
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--threads", type=int, help="torch CPU threads; on a CPU, 1 leaves the other "
+                    "cores free, as a GPU trainer does (its training loop is one Python thread)")
+    ap.add_argument("--out", type=Path, help="a .json file, or a directory (default: "
+                    "bench/results) for stall-<host>-<date>.json")
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO / "src"))
@@ -166,12 +208,16 @@ def main() -> None:
         recipe.write_text(json.dumps({
             "name": "stall", "model": args.model, "method": "sft",
             "data": {"train": str(REPO / "jobs/recipes/data/demo_qa.jsonl"), "format": "qa"},
-            "train": {"max_steps": args.steps, "save_every": args.save_every, "log_every": 5,
-                      "micro_batch": args.micro_batch, "max_length": args.max_length,
-                      "epochs": 100, "warmup_ratio": 0.0},
+            "train": {"max_steps": args.steps, "save_every": args.save_every,
+                      "log_every": LOG_EVERY, "micro_batch": args.micro_batch,
+                      "max_length": args.max_length, "epochs": 100, "warmup_ratio": 0.0},
             "output": {"store": store, "keep_last": 2,
                        "run_id": f"stall-{uuid.uuid4().hex[:6]}"},
         }))
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         tl = Timeline()
         instrument(tl)
         from skytune.recipe import load_recipe
@@ -179,7 +225,7 @@ def main() -> None:
         from skytune.train.common import detect_device
 
         result = run(load_recipe(str(recipe)), resume="never")
-        numbers = analyze(tl, args.save_every, skip=max(2, args.save_every // 2))
+        numbers = analyze(tl, args.save_every, LOG_EVERY, skip=max(2, args.save_every // 2))
         dev = detect_device()
         out = {
             "bench": "checkpoint_stall",
@@ -189,13 +235,15 @@ def main() -> None:
                         "load_avg_1m": os.getloadavg()[0]},
             "model": args.model, "steps": args.steps, "save_every": args.save_every,
             "micro_batch": args.micro_batch, "max_length": args.max_length,
+            "torch_threads": args.threads, "skytune_git": _git_version(),
             "store": store if args.store else "local moto_server",
             "result_step": result.get("step"),
             **numbers,
             "target": "skytune_added_pct < 2 and upload_interference_pct < 2",
         }
-        path = args.out or HERE / "results" / (
-            f"stall-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        path = args.out or HERE / "results"
+        if path.suffix != ".json":  # a directory, as the other benches take (gpu-session.sh)
+            path = path / f"stall-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M%S')}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2) + "\n")
         print(json.dumps(out, indent=2))

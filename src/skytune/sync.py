@@ -2,24 +2,31 @@
 
     run = RunWriter(open_store(recipe.store_url()), run_id(recipe), recipe)
     run.start()                                   # checks the store, writes recipe.yaml + manifest
-    trainer.add_callback(CheckpointSync(run))     # uploads checkpoint-N as checkpoints/step-N
-    run.upload_final(Path("out/final"), "adapter", step)
+    up = CheckpointUploader(run, keep_last=3)     # a worker process: uploads, COMPLETE, prune
+    up.submit(Path("work/checkpoint-40"), 40, meta)  # as checkpoints/step-40; returns at once
+    up.close()
+    run.upload_artifact(Path("out/final"), "adapter", meta)   # COMPLETE last, in the manifest
     run.finish("completed")
     pull("file://runs/demo-1a2b3c4d", what="adapter", to=Path("models/demo/adapter"))
 
 Store layout (one run = one prefix):
     <run>/recipe.yaml  <run>/manifest.json  <run>/metrics.jsonl
     <run>/checkpoints/step-N/   <run>/adapter/   <run>/merged/   (each with COMPLETE last)
-The training process (rank 0) is the manifest's only writer.
+The training process (rank 0) owns the manifest: it alone changes it, and one writer at a
+time puts it (its checkpoint upload worker while that runs, see CheckpointUploader).
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import itertools
 import json
 import logging
 import os
-import shutil
+import queue
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -60,13 +67,18 @@ def run_id(recipe: Recipe, fresh: bool = False) -> str:
 
 
 class RunWriter:
-    """Writes one run's files to its store. Thread-safe: uploads may finish in the background."""
+    """Writes one run's files to its store. Thread-safe: upload answers arrive on a thread.
+
+    While a CheckpointUploader is attached (`attach`), manifest.json and metrics.jsonl go
+    through its worker process, queued behind the uploads before them: the store sees one
+    writer at a time, and a manifest never lands before the upload it describes."""
 
     def __init__(self, store: Store, run_id: str, recipe: Recipe):
         self.store, self.run_id, self.recipe = store, run_id, recipe
         self._lock = threading.Lock()
         self._put_lock = threading.Lock()
         self._metrics: list[str] = []
+        self._sink: Callable[[str, bytes], None] | None = None
         self.manifest: dict[str, Any] = {}
 
     @property
@@ -94,14 +106,26 @@ class RunWriter:
         self.store.put_bytes(self.key("recipe.yaml"), self.recipe.to_yaml().encode())
         self._write_manifest()
 
+    def attach(self, sink: Callable[[str, bytes], None] | None) -> None:
+        """Send manifest and metrics writes to sink(key, data) from now on (None: the store)."""
+        with self._put_lock:
+            self._sink = sink
+
+    def _put(self, rel: str, data: bytes) -> None:
+        # Called under _put_lock: writes leave in the order they were made.
+        if self._sink is not None:
+            self._sink(self.key(rel), data)
+        else:
+            self.store.put_bytes(self.key(rel), data)
+
     def _write_manifest(self) -> None:
-        # The upload thread and the training thread both write it: serialize and put under
-        # one lock, or an older snapshot could land after a newer one.
+        # Several threads write it: serialize and send under one lock, or an older snapshot
+        # could land after a newer one.
         with self._put_lock:
             with self._lock:
                 self.manifest["timings"]["updated_at"] = _now()
                 data = json.dumps(self.manifest, indent=1).encode()
-            self.store.put_bytes(self.key("manifest.json"), data)
+            self._put("manifest.json", data)
 
     def note_resume(self, step: int) -> None:
         """Record a resume in the manifest; drop metrics rows from the lost steps after it."""
@@ -116,33 +140,36 @@ class RunWriter:
         if flush:
             self.flush_metrics()
 
-    def flush_metrics(self) -> None:
+    def metrics_text(self) -> str:
         with self._lock:
-            data = ("\n".join(self._metrics) + "\n").encode() if self._metrics else b""
-        self.store.put_bytes(self.key("metrics.jsonl"), data)
+            return "\n".join(self._metrics) + "\n" if self._metrics else ""
+
+    def flush_metrics(self) -> None:
+        data = self.metrics_text().encode()
+        with self._put_lock:
+            self._put("metrics.jsonl", data)
 
     def upload_artifact(self, local_dir: Path, name: str, meta: dict[str, Any],
                         progress=None) -> dict:
         """Upload local_dir as <run>/<name> (COMPLETE last) and record it in the manifest."""
         record = upload_artifact(self.store, local_dir, self.key(name), meta=meta,
                                  progress=progress)
+        self.record_artifact(name, record)
+        return record
+
+    def record_artifact(self, name: str, record: dict[str, Any],
+                        removed: Iterable[str] = ()) -> None:
+        """An artifact that is COMPLETE in the store (and artifacts that are gone from it)."""
         with self._lock:
-            self.manifest["artifacts"][name] = {
-                k: v for k, v in record.items() if k != "files"
-            } | {"files": record["files"]}
+            self.manifest["artifacts"][name] = record
             if name.startswith("checkpoints/"):
-                step = int(meta.get("step", 0))
+                step = int(record.get("step", 0))
                 if step >= int(self.manifest.get("step") or 0):
                     self.manifest["step"] = step
                     self.manifest["last_checkpoint"] = name
+            for gone in removed:
+                self.manifest["artifacts"].pop(gone, None)
         self._write_manifest()
-        return record
-
-    def remove_artifact(self, name: str) -> None:
-        with self._lock:
-            self.manifest["artifacts"].pop(name, None)
-        self._write_manifest()
-        self.store.delete(self.key(name))
 
     def note(self, **fields: Any) -> None:
         with self._lock:
@@ -283,92 +310,173 @@ def pull(run: str, what: str = "adapter", to: Path | None = None) -> Path:
 
 
 class CheckpointUploader:
-    """Uploads checkpoints as `checkpoints/step-N` in the background and keeps the last K.
+    """Uploads checkpoints as `checkpoints/step-N` from a worker process and keeps the last K.
 
-        up = CheckpointUploader(writer, keep_last=3)
-        up.submit(Path("work/checkpoints/checkpoint-40"), 40, meta)   # returns at once
-        failed = up.wait()                                            # before the process ends
+        up = CheckpointUploader(writer, keep_last=3)       # starts the worker (nice 10)
+        up.submit(Path("work/checkpoints/checkpoint-40"), 40, meta, files)  # returns at once
+        failed = up.close()                                # before the process ends
 
-    One worker thread: training never waits for the network, checkpoints land in step order,
-    and hashing a multi-GB checkpoint (sha256 for COMPLETE) happens off the training thread.
-    Each upload retries with exponential backoff on top of the store client's own retries;
-    a checkpoint that still fails is recorded and the run exits non-zero at the end.
-    Older checkpoints are deleted only after a newer one is COMPLETE, so the store always
-    holds at least one resumable checkpoint. Local copies older than the newest uploaded one
-    are removed to keep the VM's disk from filling up.
+    The worker (skytune.upload_worker) writes `files` into the checkpoint (its self-
+    description), hashes it, uploads it, writes COMPLETE last, and deletes older checkpoints
+    only after a newer one is COMPLETE, so the store always holds a resumable one. None of
+    that runs in the training process: there, boto3 and sha256 competed with the training
+    loop for the GIL and slowed every step that overlapped an upload (bench/
+    checkpoint_stall.py). Uploads run one at a time, in step order. The worker dies with
+    the training process, leaving the checkpoint it was sending without COMPLETE.
+
+    While the worker runs, the writer's manifest and metrics writes go through it too (see
+    RunWriter.attach): one writer at a time, in order. Each upload retries with exponential
+    backoff on top of the store client's own retries; a checkpoint that still fails is
+    recorded and the run exits non-zero at the end.
 
     Knobs (environment): SKYTUNE_UPLOAD_ATTEMPTS (default 5) and SKYTUNE_UPLOAD_BACKOFF
     (seconds before the first retry, doubling; default 10). Test hook:
     SKYTUNE_FAULT_DELAY_UPLOAD=SECONDS sleeps once per checkpoint after its first bytes are
     sent and before COMPLETE, to widen the "killed mid-upload" window in fault tests.
+    Create it on the main thread: on Linux the worker is killed when the creating thread ends.
     """
 
     def __init__(self, writer: RunWriter, keep_last: int = 3):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.writer, self.keep_last = writer, keep_last
         self.attempts = max(1, int(os.environ.get("SKYTUNE_UPLOAD_ATTEMPTS", "5")))
         self.backoff = float(os.environ.get("SKYTUNE_UPLOAD_BACKOFF", "10"))
         self.failed: list[int] = []
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="skytune-upload",
-                                        initializer=_lower_priority)
-        self._pending: list = []
+        self.uploads: list[tuple[int, float, float]] = []  # (step, start, end), time.monotonic
+        self._pending: dict[int, int | None] = {}  # op id -> checkpoint step (None: a write)
+        self._ids = itertools.count(1)
+        self._cv = threading.Condition()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._closing = self._dead = False
+        root = str(Path(__file__).resolve().parents[1])  # the skytune this process runs
+        self._proc = subprocess.Popen([sys.executable, "-c", _BOOT, root, str(os.getpid())],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._send({"op": "open", **writer.store.open_args(), "run_id": writer.run_id,
+                    "keep_last": keep_last, "attempts": self.attempts, "backoff": self.backoff,
+                    "log_level": log.getEffectiveLevel()})
+        self._threads = [threading.Thread(target=fn, daemon=True, name=f"skytune-upload-{n}")
+                         for n, fn in (("send", self._send_loop), ("recv", self._recv_loop))]
+        for t in self._threads:
+            t.start()
+        writer.attach(self._write)
+        atexit.register(self.close)  # an exit without close() still waits for the uploads
 
-    def submit(self, local_dir: Path, step: int, meta: dict[str, Any] | Callable[[], dict]
-               ) -> None:
+    def submit(self, local_dir: Path, step: int, meta: dict[str, Any],
+               files: dict[str, str] | None = None) -> None:
         """Queue a saved checkpoint for upload (metrics are flushed with it) and return.
-        `meta` may be a function (run on the upload thread, e.g. to stamp the directory)."""
-        self._pending.append(self._pool.submit(self._upload, Path(local_dir), step, meta))
+        `files` ({name: text}) are written into the checkpoint first, by the worker."""
+        self._send({"op": "upload", "step": step, "dir": str(Path(local_dir).resolve()),
+                    "meta": meta, "files": files or {}, "metrics": self.writer.metrics_text()},
+                   step=step)
 
-    def wait(self) -> list[int]:
-        """Block until pending uploads finish; return the steps that never uploaded."""
-        while self._pending:
-            self._pending.pop(0).result()  # _upload never raises
-        return list(self.failed)
+    def wait(self, timeout: float | None = None) -> list[int]:
+        """Block until pending uploads (and writes) finish, or `timeout` seconds; return the
+        steps that did not upload: failed, or still pending at the timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while self._pending and not self._dead:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._cv.wait(left)
+            return self.failed + sorted(s for s in self._pending.values() if s is not None)
 
-    def close(self) -> list[int]:
-        failed = self.wait()
-        self._pool.shutdown(wait=True)
+    def close(self, timeout: float | None = None) -> list[int]:
+        """wait(timeout), then stop the worker; later writes go straight to the store."""
+        if self._closing:
+            return list(self.failed)
+        failed = self.wait(timeout)
+        self._closing = True
+        atexit.unregister(self.close)
+        if self._pending and not self._dead:  # out of time: stop mid-upload (no COMPLETE)
+            self._proc.kill()
+        self.writer.attach(None)
+        self._outbox.put({"op": "exit"})
+        self._outbox.put(None)
+        try:
+            self._proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        for t in self._threads:
+            t.join(5)
         return failed
 
-    def _upload(self, local_dir: Path, step: int, meta: dict[str, Any]) -> None:
-        name = f"checkpoints/step-{step}"
-        t0 = time.monotonic()
-        if callable(meta):
-            meta = meta()
+    # -- the pipe to the worker -----------------------------------------------------------------
 
-        def attempt() -> dict:
-            self.writer.flush_metrics()
-            return self.writer.upload_artifact(local_dir, name, meta, progress=_fault_hook())
+    def _send(self, op: dict[str, Any], step: int | None = None) -> None:
+        if op["op"] in ("upload", "put"):
+            with self._cv:
+                if self._dead or self._closing:
+                    if step is not None:
+                        log.error("checkpoint step %d: not uploaded; the upload worker is gone",
+                                  step)
+                        self.failed.append(step)
+                    return
+                op["id"] = next(self._ids)
+                self._pending[op["id"]] = step
+        self._outbox.put(op)
 
+    def _write(self, key: str, data: bytes) -> None:
+        self._send({"op": "put", "key": key, "data": data.decode()})
+
+    def _send_loop(self) -> None:
+        # JSON-encoding and pipe writes happen here, never on the training thread.
+        pipe = self._proc.stdin
+        while (op := self._outbox.get()) is not None:
+            try:
+                pipe.write((json.dumps(op) + "\n").encode())
+                pipe.flush()
+            except OSError:  # the worker died; _recv_loop reports it
+                break
         try:
-            record = retry(attempt, f"upload of checkpoint step {step}", self.attempts,
-                           self.backoff)
-        except Exception as e:  # noqa: BLE001 - training goes on; the run fails at the end
-            log.error("checkpoint step %d: upload failed after %d attempts: %s", step,
-                      self.attempts, e)
-            self.failed.append(step)
-            return
-        size = sum(f["size"] for f in record["files"].values())
-        log.info("checkpoint step %d uploaded to %s/%s (%.1f MB in %.1fs)", step,
-                 self.writer.url, name, size / 1e6, time.monotonic() - t0)
-        try:
-            self._prune(step, local_dir)
-        except Exception as e:  # noqa: BLE001 - a failed cleanup costs storage, not the run
-            log.warning("checkpoint step %d: could not delete older checkpoints: %s", step, e)
+            pipe.close()
+        except OSError:
+            pass
 
-    def _prune(self, step: int, local_dir: Path) -> None:
-        """Keep the newest keep_last COMPLETE checkpoints up to `step`; delete the rest below
-        it, including leftovers of uploads that were killed before their COMPLETE."""
-        store, run = self.writer.store, self.writer.run_id
-        steps = checkpoint_steps(store, run)
-        complete = [s for s in complete_checkpoints(store, run) if s <= step]
-        keep = set(complete[: self.keep_last])  # newest first
-        for old in sorted(s for s in steps if s < step and s not in keep):
-            self.writer.remove_artifact(f"checkpoints/step-{old}")
-        for d in local_dir.parent.glob("checkpoint-*"):
-            if d.name.split("-")[-1].isdigit() and int(d.name.split("-")[-1]) < step:
-                shutil.rmtree(d, ignore_errors=True)
+    def _recv_loop(self) -> None:
+        for line in self._proc.stdout:
+            try:
+                ev = json.loads(line)
+                if ev["ev"] == "log":
+                    logging.getLogger(ev["name"]).log(ev["level"], "%s", ev["msg"])
+                elif ev["ev"] == "done":
+                    self._done(ev)
+            except Exception as e:  # noqa: BLE001 - one bad answer must not stop the rest
+                log.warning("checkpoint upload worker: %s", e)
+        code = self._proc.wait()
+        with self._cv:
+            lost = sorted(s for s in self._pending.values() if s is not None)
+            if not self._closing:
+                log.error("the checkpoint upload worker exited (code %s)%s", code,
+                          f"; checkpoint(s) {lost} not uploaded" if lost else "")
+            self.failed += lost
+            self._pending.clear()
+            self._dead = True
+            self._cv.notify_all()
+        self.writer.attach(None)
+
+    def _done(self, ev: dict[str, Any]) -> None:
+        with self._cv:
+            step = self._pending.get(ev["id"])
+        try:
+            if step is not None:
+                self.uploads.append((step, ev["t0"], ev["t1"]))
+                if "record" in ev:  # queues the manifest write before this upload is done
+                    self.writer.record_artifact(f"checkpoints/step-{step}", ev["record"],
+                                                removed=ev.get("removed", ()))
+                else:
+                    self.failed.append(step)
+        finally:
+            with self._cv:
+                self._pending.pop(ev["id"], None)
+                self._cv.notify_all()
+
+
+# The worker's entry point. `root` goes on sys.path only where the interpreter would not find
+# this skytune by itself (a source checkout on sys.path, as the benches use).
+_BOOT = ("import sys; root, parent = sys.argv[1], int(sys.argv[2]); "
+         "root in sys.path or sys.path.insert(0, root); "
+         "from skytune.upload_worker import main; main(parent)")
 
 
 def retry(fn, what: str, attempts: int, backoff: float):
@@ -384,28 +492,3 @@ def retry(fn, what: str, attempts: int, backoff: float):
                         delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
-
-
-def _lower_priority() -> None:
-    """Run uploads (and the s3transfer threads they start, which inherit it) at nice 10: on
-    a VM with few cores, hashing and sending must not take CPU from the training loop."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
-        pass
-
-
-def _fault_hook():
-    """The SKYTUNE_FAULT_DELAY_UPLOAD test hook (see CheckpointUploader), or None."""
-    delay = float(os.environ.get("SKYTUNE_FAULT_DELAY_UPLOAD") or 0)
-    if not delay:
-        return None
-    fired = threading.Event()
-
-    def on_progress(_n: int) -> None:
-        if not fired.is_set():
-            fired.set()
-            log.info("fault hook: checkpoint upload in progress; sleeping %.1fs", delay)
-            time.sleep(delay)
-
-    return on_progress

@@ -13,6 +13,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -77,10 +78,13 @@ class Session:
             if done:
                 return done
             self.writer.start()
-            self.uploader = CheckpointUploader(self.writer, keep_last=self.recipe.output.keep_last)
         self._find_resume()
-        if self.main and self.resume_from is not None:
-            self.writer.note_resume(self.resumed_step)
+        if self.main:
+            if self.resume_from is not None:
+                self.writer.note_resume(self.resumed_step)
+            # Last: the writes above must be in the store before training (they go straight
+            # there); from here on manifest writes queue behind the uploads in its worker.
+            self.uploader = CheckpointUploader(self.writer, keep_last=self.recipe.output.keep_last)
         return None
 
     def _already_complete(self) -> dict[str, Any] | None:
@@ -123,11 +127,21 @@ class Session:
                 "base_model": self.recipe.model, "adapter_type": self.recipe.adapter.type,
                 "recipe": self.recipe.to_dict(), "skytune_version": __version__}
 
-    def stamp(self, local_dir: Path, kind: str, step: int) -> dict[str, Any]:
+    def stamp_files(self, kind: str, step: int) -> tuple[dict[str, str], dict[str, Any]]:
+        """({file name: text} that make an artifact describe itself, meta for its COMPLETE)."""
         meta = self.meta(kind, step)
-        (local_dir / "skytune.json").write_text(json.dumps(meta, indent=1))
-        (local_dir / "recipe.yaml").write_text(self.recipe.to_yaml())
-        return {k: v for k, v in meta.items() if k != "recipe"}
+        files = {"skytune.json": json.dumps(meta, indent=1), "recipe.yaml": self._recipe_yaml}
+        return files, {k: v for k, v in meta.items() if k != "recipe"}
+
+    @functools.cached_property
+    def _recipe_yaml(self) -> str:
+        return self.recipe.to_yaml()  # ~2 ms of PyYAML: once, not on every checkpoint step
+
+    def stamp(self, local_dir: Path, kind: str, step: int) -> dict[str, Any]:
+        files, meta = self.stamp_files(kind, step)
+        for name, text in files.items():
+            (local_dir / name).write_text(text)
+        return meta
 
     def callbacks(self, zero_grad_ok: bool = False) -> list:
         """zero_grad_ok: GRPO, where a group whose completions all score alike gives exactly 0."""
@@ -200,7 +214,7 @@ class Session:
             return
         try:
             if self.uploader is not None:
-                self.uploader.wait()
+                self.uploader.close()
             self.writer.finish("failed", error=str(e).splitlines()[0][:300] if str(e) else
                                type(e).__name__)
         except Exception as inner:  # noqa: BLE001 - never hide the training error
@@ -262,7 +276,7 @@ class _StoreCallback(TrainerCallback):
         if not self.s.main or self.s.uploader is None:
             return
         step = state.global_step
-        local = Path(args.output_dir) / f"checkpoint-{step}"
-        # Returns at once: stamping, hashing and the upload (metrics with it) run on the
-        # upload thread; the trainer never touches checkpoint-N again.
-        self.s.uploader.submit(local, step, lambda: self.s.stamp(local, "checkpoint", step))
+        files, meta = self.s.stamp_files("checkpoint", step)
+        # Returns at once: writing `files` into it, hashing and the upload (metrics with it)
+        # happen in the upload worker process; the trainer never touches checkpoint-N again.
+        self.s.uploader.submit(Path(args.output_dir) / f"checkpoint-{step}", step, meta, files)
