@@ -17,3 +17,11 @@ class TrainingFailed(SkytuneError):
     """Training ran but cannot go on (no gradient, store never reachable...). Exit 1."""
 
     exit_code = 1
+
+
+class Preempted(TrainingFailed):
+    """Stopped on SIGTERM (a spot preemption notice) after saving a checkpoint. Exit 143
+    (128 + SIGTERM, as if the signal had ended the process): the task failed, and SkyPilot's
+    managed-job recovery restarts it, resuming from that checkpoint."""
+
+    exit_code = 143

@@ -11,7 +11,11 @@ come from the S3 store (moto_server over HTTP).
 
 Kill points: during a step, as soon as a checkpoint directory appears locally (while the
 trainer writes it), and while a checkpoint is being uploaded (SKYTUNE_FAULT_DELAY_UPLOAD
-holds the upload open between its first bytes and COMPLETE).
+holds the upload open between its first bytes and COMPLETE). The upload worker process dies
+with its trainer, so a kill mid-upload leaves that checkpoint without COMPLETE.
+
+SIGTERM (a spot VM's preemption notice) instead: a checkpoint at the next step boundary,
+uploaded within SKYTUNE_TERM_GRACE, status "preempted", exit 143, and the restart resumes there.
 """
 
 from __future__ import annotations
@@ -365,3 +369,67 @@ def test_store_gone_until_the_end_exits_nonzero_with_local_path(
         proxy.close()
     err = [line for line in t.text().splitlines() if line.startswith("error:")]
     assert err and "adapter could not be uploaded" in err[0] and "on this machine at" in err[0]
+
+
+# -- SIGTERM: a spot VM's preemption notice -------------------------------------------------------
+
+def test_sigterm_saves_a_checkpoint_exits_nonzero_and_the_restart_resumes_there(
+        forkserver, s3_server, s3_url, tmp_path):
+    from skytune.store import open_store
+    from skytune.sync import complete_checkpoints, read_manifest
+
+    store = open_store(s3_url)
+    steps = 60  # room for SIGTERM to land mid-run on a slow machine (~40 steps/s here)
+    recipe = write_recipe(tmp_path / "recipe.yaml", s3_url, save_every=4, max_steps=steps)
+    run, grace = "faults-term", 30
+    args = ("--set", f"output.run_id={run}")
+    t = Trainer(forkserver, recipe, child_env(s3_server, tmp_path / "work",
+                                              SKYTUNE_TERM_GRACE=str(grace)),
+                tmp_path / "term.log", args=args)
+    assert t.wait_for(lambda: "checkpoint step 4 uploaded" in t.text())
+    assert t.proc.is_alive(), t.text()[-3000:]
+    t0 = time.monotonic()
+    os.kill(t.proc.pid, signal.SIGTERM)
+    assert t.exit_code() == 143, t.text()[-3000:]
+    assert time.monotonic() - t0 < grace
+    step = int(re.search(r"SIGTERM \(preemption notice\): saving a checkpoint at step (\d+)",
+                         t.text())[1])
+    assert 4 < step < steps  # past the checkpoint at save_every, before the end
+    assert complete_checkpoints(store, run)[0] == step
+    m = read_manifest(store, run)
+    assert m["status"] == "preempted" and m["preempted_at_step"] == step
+    assert m["last_checkpoint"] == f"checkpoints/step-{step}"
+    err = [line for line in t.text().splitlines() if line.startswith("error:")]
+    assert err and f"stopped at step {step} on SIGTERM" in err[0], t.text()[-2000:]
+
+    # The recovered job: a fresh machine, the same run id.
+    last = Trainer(forkserver, recipe, child_env(s3_server, tmp_path / "work2"),
+                   tmp_path / "term-restart.log", args=args)
+    assert last.exit_code() == 0, last.text()[-3000:]
+    assert f"resuming {run} from step {step}" in last.text()
+    m = read_manifest(store, run)
+    assert m["status"] == "completed" and m["step"] == steps
+    assert metric_steps(store, run) == list(range(1, steps + 1))  # each step once, in order
+
+
+def test_sigterm_waits_for_the_upload_no_longer_than_the_grace_time(
+        forkserver, s3_server, s3_url, tmp_path):
+    from skytune.store import open_store, read_complete
+    from skytune.sync import read_manifest
+
+    store = open_store(s3_url)
+    recipe = write_recipe(tmp_path / "recipe.yaml", s3_url, save_every=4)
+    run = "faults-term-slow"
+    t = Trainer(forkserver, recipe, child_env(s3_server, tmp_path / "work",
+                                              SKYTUNE_TERM_GRACE="2",
+                                              SKYTUNE_FAULT_DELAY_UPLOAD="120"),
+                tmp_path / "term-slow.log", args=("--set", f"output.run_id={run}"))
+    assert t.wait_for(lambda: "fault hook: checkpoint upload in progress" in t.text())
+    t0 = time.monotonic()
+    os.kill(t.proc.pid, signal.SIGTERM)
+    assert t.exit_code() == 143, t.text()[-3000:]
+    assert time.monotonic() - t0 < 20
+    step = read_manifest(store, run)["preempted_at_step"]
+    assert read_complete(store, f"{run}/checkpoints/step-{step}") is None
+    err = [line for line in t.text().splitlines() if line.startswith("error:")]
+    assert err and "could not be uploaded within SKYTUNE_TERM_GRACE=2s" in err[0]

@@ -9,6 +9,11 @@ resume from the newest complete checkpoint, checkpoint upload, metrics, the fina
 
 Only the main process (RANK 0) writes to the store; every process resumes from the same
 checkpoint.
+
+SIGTERM during training (a spot VM's preemption notice: SkyPilot and the clouds send it
+before the VM goes away) saves a checkpoint at the next step boundary, uploads it within
+SKYTUNE_TERM_GRACE seconds (default 90), records status "preempted" and raises Preempted
+(exit 143), so that the recovered job resumes from that step rather than the last save_every.
 """
 
 from __future__ import annotations
@@ -18,14 +23,18 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
 from skytune import __version__
-from skytune.errors import SkytuneError, TrainingFailed
+from skytune.errors import Preempted, SkytuneError, TrainingFailed
 from skytune.recipe import Recipe
 from skytune.store import open_store, read_complete
 from skytune.sync import (
@@ -63,6 +72,8 @@ class Session:
         self.resume_from: Path | None = None
         self.resumed_step = 0
         self.started = time.monotonic()
+        self.term_at: float | None = None  # when SIGTERM came (time.monotonic)
+        self.stopped_at: int | None = None  # the step training stopped at because of it
 
     @property
     def output_dir(self) -> Path:
@@ -158,8 +169,9 @@ class Session:
             if self.main and tuning is not None:
                 self.writer.note(tuning=tuning.to_dict())
             try:
-                trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from
-                              else None)
+                with self._sigterm_stops_training():
+                    trainer.train(resume_from_checkpoint=str(self.resume_from)
+                                  if self.resume_from else None)
                 break
             except RuntimeError as e:
                 smaller = None
@@ -176,6 +188,8 @@ class Session:
                 self._fail(e)
                 raise
         step = trainer.state.global_step
+        if self.stopped_at is not None:
+            self._preempted(step)
         if not self.main:
             return self.result(step, status="completed")
         final = self.work / "final"
@@ -208,6 +222,46 @@ class Session:
 
             extra = after_training(self.recipe, self.writer, final)
         return self.result(step, status="completed", **extra)
+
+    @contextmanager
+    def _sigterm_stops_training(self) -> Iterator[None]:
+        """While training, SIGTERM sets a flag that _StoreCallback turns into "save and stop"
+        at the next step boundary. Single-process runs only: the ranks of a distributed run
+        would have to agree on the step (a collective every step); they keep the default."""
+        if threading.current_thread() is not threading.main_thread() or \
+                common.world_size() > 1:
+            yield
+            return
+
+        def on_term(signum, frame) -> None:
+            if self.term_at is None:  # a second SIGTERM changes nothing: the grace runs
+                self.term_at = time.monotonic()
+
+        old = signal.signal(signal.SIGTERM, on_term)
+        try:
+            yield
+        finally:
+            # From here on a SIGTERM kills as usual; one during the final upload or merge
+            # would otherwise be swallowed.
+            signal.signal(signal.SIGTERM, old)
+
+    def _preempted(self, step: int) -> None:
+        """After SIGTERM: wait for the uploads (this step's checkpoint last) within the
+        grace time, record "preempted", raise Preempted."""
+        grace = float(os.environ.get("SKYTUNE_TERM_GRACE", "90"))
+        left = max(0.0, (self.term_at or time.monotonic()) + grace - time.monotonic())
+        missing = self.uploader.close(timeout=left) if self.uploader else []
+        saved = step not in missing
+        try:
+            if self.main:
+                self.writer.finish("preempted", preempted_at_step=step,
+                                   **({"checkpoint_upload_failed": missing} if missing else {}))
+        except Exception as e:  # noqa: BLE001 - the checkpoint matters, not this record
+            log.warning("could not record the preemption in the store: %s", e)
+        where = (f"checkpoint step {step} is in {self.writer.url}; a restart resumes from it"
+                 if saved else f"checkpoint step {step} could not be uploaded within "
+                 f"SKYTUNE_TERM_GRACE={grace:g}s; a restart resumes from the newest complete one")
+        raise Preempted(f"stopped at step {step} on SIGTERM (preemption notice); {where}")
 
     def _fail(self, e: BaseException) -> None:
         if not self.main:
@@ -271,6 +325,15 @@ class _StoreCallback(TrainerCallback):
         if self.s.main and logs:
             self.s.writer.log_metrics({"step": state.global_step, "epoch": state.epoch,
                                        "time": round(time.time(), 1), **logs})
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.s.term_at is not None and self.s.stopped_at is None:
+            # The trainer saves (on_save below uploads it) and leaves its loop after this step.
+            log.warning("SIGTERM (preemption notice): saving a checkpoint at step %d and "
+                        "stopping", state.global_step)
+            control.should_save = True
+            control.should_training_stop = True
+            self.s.stopped_at = state.global_step
 
     def on_save(self, args, state, control, **kw):
         if not self.s.main or self.s.uploader is None:
