@@ -71,8 +71,9 @@ class Timeline:
         return [(a, b) for u in self.uploaders for _, a, b in u.uploads]
 
 
-def instrument(tl: Timeline) -> None:
-    """Wrap the pieces we time; no library code changes."""
+def instrument(tl: Timeline, control: bool = False) -> None:
+    """Wrap the pieces we time; no library code changes. `control`: skytune's on_save does
+    nothing (no upload), to see what a checkpoint step costs here without it."""
     from transformers import Trainer, TrainerCallback
 
     from skytune.sync import CheckpointUploader
@@ -100,7 +101,7 @@ def instrument(tl: Timeline) -> None:
 
     Trainer._save_checkpoint = _save_checkpoint
 
-    orig_on_save = sess._StoreCallback.on_save
+    orig_on_save = (lambda *a, **kw: None) if control else sess._StoreCallback.on_save
 
     def on_save(self, args, state, control, **kw):
         t0 = time.perf_counter()
@@ -161,7 +162,8 @@ def analyze(tl: Timeline, save_every: int, log_every: int, skip: int) -> dict:
         "checkpoint_steps": len(ckpt),
         "trainer_save_s_median": round(statistics.median(tl.saves[s] for s in ckpt), 4),
         "hook_s_median": round(hook, 4),
-        "upload_s_median": round(statistics.median(b - a for a, b in tl.uploads), 3),
+        "upload_s_median": round(statistics.median(b - a for a, b in tl.uploads), 3)
+        if tl.uploads else None,
         "skytune_added_pct": med_pct(pct_of(s, v - tl.saves.get(s, 0.0))
                                      for s, v in ckpt.items()),
         "hook_pct": round(100 * hook / base, 2),
@@ -181,6 +183,8 @@ def main() -> None:
     ap.add_argument("--store", help="s3://bucket/prefix (default: a local moto_server)")
     ap.add_argument("--threads", type=int, help="torch CPU threads; on a CPU, 1 leaves the other "
                     "cores free, as a GPU trainer does (its training loop is one Python thread)")
+    ap.add_argument("--control", action="store_true", help="upload nothing (skytune's on_save "
+                    "does nothing): the same numbers without skytune's part, a noise floor")
     ap.add_argument("--out", type=Path, help="a .json file, or a directory (default: "
                     "bench/results) for stall-<host>-<date>.json")
     args = ap.parse_args()
@@ -219,7 +223,7 @@ def main() -> None:
 
             torch.set_num_threads(args.threads)
         tl = Timeline()
-        instrument(tl)
+        instrument(tl, control=args.control)
         from skytune.recipe import load_recipe
         from skytune.train import run
         from skytune.train.common import detect_device
@@ -235,7 +239,8 @@ def main() -> None:
                         "load_avg_1m": os.getloadavg()[0]},
             "model": args.model, "steps": args.steps, "save_every": args.save_every,
             "micro_batch": args.micro_batch, "max_length": args.max_length,
-            "torch_threads": args.threads, "skytune_git": _git_version(),
+            "torch_threads": args.threads, "control_no_upload": args.control,
+            "skytune_git": _git_version(),
             "store": store if args.store else "local moto_server",
             "result_step": result.get("step"),
             **numbers,
