@@ -9,7 +9,8 @@ feeds it and reads its answers; nothing else talks to it.
 Why a process and not a thread: boto3/s3transfer, sha256 and JSON are Python that holds the
 GIL. On a thread of the training process they made every step that overlapped an upload
 26% slower (bench/checkpoint_stall.py, H200, 0.11 s steps), because the training loop
-launches its GPU kernels from Python too. Here they cost the trainer a spare core at most.
+launches its GPU kernels from Python too. Here they cost the trainer a spare core at most
+(where training keeps every core busy, as on a CPU, nice 10 only lowers their share).
 
 Protocol, one JSON object per line. On stdin, from the trainer:
     {"op": "open", "url", "endpoint_url"|"private", "run_id", "keep_last", "attempts",
@@ -26,7 +27,7 @@ sent after an upload's answer lands after that upload.
 
 The worker dies with the training process: at once on Linux (PR_SET_PDEATHSIG), else within
 0.2 s (its parent pid changes). An upload it was in the middle of then has no COMPLETE, as
-when the upload thread died with the trainer. Secrets come from the inherited environment.
+if it had run inside the killed trainer. Secrets come from the inherited environment.
 """
 
 from __future__ import annotations
