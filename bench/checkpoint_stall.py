@@ -180,7 +180,8 @@ def main() -> None:
     ap.add_argument("--save-every", type=int, default=10)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--store", help="s3://bucket/prefix (default: a local moto_server)")
+    ap.add_argument("--store", help="s3://bucket/prefix, or file:///dir for the upload worker's "
+                    "own cost without an S3 server (default: a local moto_server)")
     ap.add_argument("--threads", type=int, help="torch CPU threads; on a CPU, 1 leaves the other "
                     "cores free, as a GPU trainer does (its training loop is one Python thread)")
     ap.add_argument("--control", action="store_true", help="upload nothing (skytune's on_save "

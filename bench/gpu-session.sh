@@ -35,12 +35,14 @@ for part in "$@"; do
       python3 -m torch.distributed.run --nproc-per-node "$(nvidia-smi -L | wc -l)" \
         bench/throughput.py --rows "${ROWS:-skytune-sft}" --steps "${STEPS:-15}" --out "$OUT" \
         2>&1 | grep -E "RESULT|Error|error" | tail -6 ;;
-    stall)  # then --control: the same run uploading nothing (the numbers' noise floor)
-      for extra in "" --control; do
+    stall)  # to the local S3 server; uploading nothing (--control: the noise floor); to a file
+            # store in /dev/shm (the upload worker's own cost, without the local S3 server's)
+      for extra in "" "--control" "--store file:///dev/shm/skytune-stall"; do
         python3 bench/checkpoint_stall.py --model tiny:llama-h2048-l16 --micro-batch 8 \
           --max-length 512 --steps "${STALL_STEPS:-200}" --save-every 10 $extra --out "$OUT" \
           2>&1 | tail -19
-      done ;;
+      done
+      rm -rf /dev/shm/skytune-stall ;;
     bench)
       python3 bench/attention.py --out "$OUT" 2>&1 | tail -15
       python3 bench/checkpoint_stall.py --model tiny:llama-h2048-l16 --steps 60 --save-every 10 \
