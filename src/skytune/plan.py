@@ -353,6 +353,15 @@ def choose_micro_batch(arch: Arch, recipe: Recipe, gpu_mem_bytes: float, *, n_gp
 
     `seq`: the longest tokenized sequence when the trainer knows it (default max_length).
     """
+    est = fit_or_raise(arch, recipe, gpu_mem_bytes, n_gpus=n_gpus, strategy=strategy, seq=seq,
+                       liger=liger, lora_cast=lora_cast)
+    return est.micro_batch, est.grad_ckpt
+
+
+def fit_or_raise(arch: Arch, recipe: Recipe, gpu_mem_bytes: float, *, n_gpus: int = 1,
+                 strategy: str = "single", seq: int | None = None, liger: bool = False,
+                 lora_cast: bool = True) -> MemoryEstimate:
+    """`fit`, or a one-line error with the fixes when nothing fits this GPU."""
     seq = seq or memory_seq(recipe)
     est = fit(arch, recipe, gpu_mem_bytes, n_gpus=n_gpus, strategy=strategy, seq=seq,
               liger=liger, lora_cast=lora_cast)
@@ -365,7 +374,7 @@ def choose_micro_batch(arch: Arch, recipe: Recipe, gpu_mem_bytes: float, *, n_gp
             f"even at micro_batch 1 with gradient checkpointing; this GPU has "
             f"{gpu_mem_bytes / GiB:.1f} GiB. Run `skytune plan` for changes that fit "
             "(adapter.type=qlora, a shorter train.max_length, more or larger GPUs)")
-    return est.micro_batch, est.grad_ckpt
+    return est
 
 
 def _trainer_strategy(recipe: Recipe) -> tuple[int, str]:
@@ -401,13 +410,9 @@ def auto_tuning(recipe: Recipe, dev: Any, *, packable: bool, varlen: bool, liger
     reason = "fixed in the recipe"
     if cuda and dev.mem_bytes and (mb == "auto" or t.gradient_checkpointing == "auto"):
         n, strategy = _trainer_strategy(recipe)
-        mb, ckpt = choose_micro_batch(arch_for(recipe.model, recipe.base_dir), recipe,
-                                      dev.mem_bytes, n_gpus=n, strategy=strategy,
-                                      liger=use_liger, lora_cast=lora_cast)
-        est = estimate_memory(arch_for(recipe.model, recipe.base_dir), recipe.adapter, t, mb,
-                              memory_seq(recipe), ckpt, method=recipe.method, n_gpus=n,
-                              strategy=strategy, reference=_needs_reference(recipe),
-                              liger=use_liger, lora_cast=lora_cast)
+        est = fit_or_raise(arch_for(recipe.model, recipe.base_dir), recipe, dev.mem_bytes,
+                           n_gpus=n, strategy=strategy, liger=use_liger, lora_cast=lora_cast)
+        mb, ckpt = est.micro_batch, int(est.grad_ckpt)
         est_gib = round(est.total_gib, 1)
         reason = "planner: fastest that fits"
     elif mb == "auto":

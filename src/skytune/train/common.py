@@ -308,6 +308,10 @@ def check_gradients(model, zero_ok: bool = False) -> float:
     return norm
 
 
+def is_oom(e: BaseException) -> bool:
+    return "out of memory" in str(e).lower()
+
+
 def explain(e: RuntimeError) -> Exception:
     """Known PyTorch failures, rewritten as one line with the cause and the fix."""
     msg = str(e)
@@ -317,7 +321,7 @@ def explain(e: RuntimeError) -> Exception:
             "tensors does not require grad\"): with a frozen or quantized base and gradient "
             "checkpointing, inputs must require grad; set train.gradient_checkpointing: false "
             "to confirm, and report the recipe")
-    if "out of memory" in msg.lower():
+    if is_oom(e):
         return TrainingFailed(
             "CUDA out of memory: lower train.micro_batch (or set it to auto), set "
             "train.gradient_checkpointing: true, shorten train.max_length, or use "

@@ -83,11 +83,6 @@ def train(recipe: Recipe, resume: str = "auto", dry_run: bool = False) -> dict[s
     trainer = build_trainer(recipe, dev, session, tuned, model, ref_model, peft_config,
                             tokenizer, data)
 
-    def smaller(failed, error):  # out of memory in the first steps: one step down, same model
-        down = tuned.backoff()
-        if down is None:
-            return None
-        return build_trainer(recipe, dev, session, down, failed.model, ref_model, None,
-                             tokenizer, data), down
-
-    return session.train(trainer, tuning=tuned, on_oom=smaller)
+    # after an out-of-memory in the first steps: one step smaller, same model (its adapter)
+    return session.train(trainer, tuning=tuned, rebuild=lambda down, m: build_trainer(
+        recipe, dev, session, down, m, ref_model, None, tokenizer, data))

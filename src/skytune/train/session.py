@@ -158,13 +158,13 @@ class Session:
         """zero_grad_ok: GRPO, where a group whose completions all score alike gives exactly 0."""
         return [common.gradient_guard(zero_grad_ok), _StoreCallback(self)]
 
-    def train(self, trainer, tuning=None, on_oom=None) -> dict[str, Any]:
+    def train(self, trainer, tuning=None, rebuild=None) -> dict[str, Any]:
         """Train (resuming if a checkpoint was found), upload the result, finish the run.
 
-        `tuning` (fast.Tuning) is recorded in the manifest. `on_oom(trainer, error)` may
-        return a smaller trainer after an out-of-memory before the first checkpoint: the
+        `tuning` (fast.Tuning) is recorded in the manifest. After an out-of-memory before the
+        first checkpoint, `rebuild(tuning.backoff(), model)` makes the smaller trainer: the
         trainable weights go back to where they started and training begins again, once."""
-        snapshot = _trainable_snapshot(trainer.model) if on_oom else None
+        snapshot = _trainable_snapshot(trainer.model) if rebuild and tuning else None
         for attempt in (0, 1):
             if self.main and tuning is not None:
                 self.writer.note(tuning=tuning.to_dict())
@@ -174,16 +174,14 @@ class Session:
                                   if self.resume_from else None)
                 break
             except RuntimeError as e:
-                smaller = None
-                if (attempt == 0 and on_oom and snapshot is not None and _is_oom(e)
-                        and trainer.state.global_step < self.recipe.train.save_every):
-                    log.warning("out of memory at step %d (%s); backing off once",
-                                trainer.state.global_step, tuning and tuning.to_dict())
-                    smaller = _restart_smaller(trainer, snapshot, on_oom, e)
-                if smaller is None:
+                down = tuning.backoff() if snapshot is not None else None
+                if (attempt > 0 or down is None or not common.is_oom(e)
+                        or trainer.state.global_step >= self.recipe.train.save_every):
                     self._fail(e)
                     raise common.explain(e) from None
-                trainer, tuning = smaller
+                log.warning("out of memory at step %d (%s); retrying with %s",
+                            trainer.state.global_step, tuning.to_dict(), down.to_dict())
+                trainer, tuning = _restart(trainer, snapshot, rebuild, down), down
             except BaseException as e:
                 self._fail(e)
                 raise
@@ -279,10 +277,6 @@ class Session:
                 "resumed_from_step": self.resumed_step or None, **fields}
 
 
-def _is_oom(e: BaseException) -> bool:
-    return "out of memory" in str(e).lower()
-
-
 def _trainable_snapshot(model) -> dict[str, Any] | None:
     """A CPU copy of the trainable weights (an adapter: MBs), to restart from after an OOM;
     None for a full fine-tune, whose copy would be the whole model."""
@@ -292,7 +286,7 @@ def _trainable_snapshot(model) -> dict[str, Any] | None:
             if p.requires_grad}
 
 
-def _restart_smaller(trainer, snapshot: dict[str, Any], on_oom, error):
+def _restart(trainer, snapshot: dict[str, Any], rebuild, tuning):
     """Free the failed trainer's memory, restore the weights, build the smaller trainer."""
     import gc
 
@@ -307,12 +301,7 @@ def _restart_smaller(trainer, snapshot: dict[str, Any], on_oom, error):
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    smaller = on_oom(trainer, error)
-    if smaller is None:
-        return None
-    new_trainer, tuning = smaller
-    log.warning("retrying with %s", tuning.to_dict())
-    return new_trainer, tuning
+    return rebuild(tuning, trainer.model)
 
 
 class _StoreCallback(TrainerCallback):
